@@ -1,0 +1,61 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else is optional.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VERSION ?= $(shell $(PYTHON) -c "import re;print(re.search(r'__version__ = \"(.+)\"', open('app/__init__.py').read()).group(1))")
+IMAGE ?= kandinsky-serving
+PORT ?= 8080
+MODEL ?= kandinsky
+TINY := model_store/tiny
+
+.PHONY: run test install lint typecheck pytest tiny generate weights verify docker-build bench-decode bench-load bench-throughput clean
+
+## run: install if needed, build the tiny random-weight model if missing, serve it on :8080 on the CPU
+run: $(VENV)/.installed $(TINY)/model.json
+	$(PY) -m app --model_name kandinsky --model_dir $(TINY) --http_port $(PORT) --device cpu --dtype fp32
+
+## test: install if needed, lint, type-check and run the whole test suite
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	scripts/install.sh $(PY) --dev
+	touch $@
+
+tiny: $(TINY)/model.json
+$(TINY)/model.json: | $(VENV)/.installed
+	$(PY) -m app.tiny $(TINY)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check app tests bench
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+## generate: offline generation, e.g. make generate QUERY="синий кот" ARGS="--images_to_gen 4"
+generate: $(VENV)/.installed $(TINY)/model.json
+	$(PY) -m app.generate --model_dir $(or $(MODEL_DIR),$(TINY)) --query "$(QUERY)" --out out $(ARGS)
+
+## weights: download the real weights of MODEL (kandinsky|malevich) into model_store/MODEL
+weights: $(VENV)/.installed
+	$(PY) -m app.weights download $(MODEL) --dest model_store/$(MODEL)
+verify: $(VENV)/.installed
+	$(PY) -m app.weights verify model_store/$(MODEL)
+
+docker-build:
+	docker build -t $(IMAGE):$(VERSION) .
+
+bench-decode: $(VENV)/.installed
+	$(PY) bench/decode.py
+bench-load: $(VENV)/.installed
+	$(PY) bench/load.py
+bench-throughput: $(VENV)/.installed
+	$(PY) bench/throughput.py --url http://127.0.0.1:$(PORT)
+
+clean:
+	rm -rf $(TINY) out .pytest_cache .mypy_cache .ruff_cache
