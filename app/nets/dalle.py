@@ -236,9 +236,8 @@ class DalleLayer(nn.Module):
         att = self.attention
         mixed = att.query_key_value(x_normed)  # [B, T, 3h]
         q, k, v = mixed.chunk(3, dim=-1)  # each [B, T, h]
-        return tuple(  # type: ignore[return-value]
-            y.view(b, t, att.num_heads, att.head_dim).transpose(1, 2) for y in (q, k, v)
-        )
+        shape = (b, t, att.num_heads, att.head_dim)
+        return q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
 
     def attn_out(self, ctx: torch.Tensor) -> torch.Tensor:
         """Attention context [B, nh, T, hd] -> the residual branch [B, T, h] (dense, clamp, sandwich norm)."""
@@ -291,7 +290,10 @@ class DalleModel(nn.Module):
         self._masks: dict[tuple[MaskKind, torch.device], torch.Tensor] = {}
 
     def layer_mask(self, layer: int, device: torch.device | str) -> torch.Tensor:
-        """Layer ``layer``'s full bool mask [total_seq_length, total_seq_length] on ``device`` (cached)."""
+        """Layer ``layer``'s full bool mask [total_seq_length, total_seq_length] on ``device`` (cached).
+
+        Indexed by sequence position: in v2, image token j sits at position n_text + j.
+        """
         kind = layer_mask_kind(layer, self.cfg.num_layers)
         key = (kind, torch.device(device))
         mask = self._masks.get(key)
