@@ -1,0 +1,153 @@
+"""`python -m app`: KServe's flags plus ours; settings are checked before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from app.model import KandinskyModel, ServerSettings, configure_app
+
+log = logging.getLogger("app")
+
+EXIT_BAD_SETTINGS = 2
+_DEVICE_RE = re.compile(r"^cuda:\d+$")
+
+
+class SettingsError(Exception):
+    """A start-up setting is wrong; the message is printed on one line and the process exits with 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kserve import model_server
+
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        parents=[model_server.parser],
+        description="Serve ruDALL-E Kandinsky (or any ruDALL-E model directory) with KServe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.set_defaults(model_name="kandinsky")
+    parser.add_argument("--model_dir", default="/mnt/models", help="Model directory holding model.json.")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every CUDA device, else the CPU), cpu, or a list such as cuda:0,cuda:1,cuda:2.",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp16 before compute capability 8 (V100), bf16 from 8 on, fp32 on the CPU.",
+    )
+    parser.add_argument(
+        "--max_batch_images", type=int, default=0, help="Images per merged batch; 0 derives it from memory."
+    )
+    parser.add_argument("--max_images_per_request", type=int, default=16, help="Upper bound of images_to_gen")
+    parser.add_argument("--queue_size", type=int, default=32, help="Requests that may wait; beyond: 503.")
+    parser.add_argument(
+        "--request_timeout", type=float, default=600.0, help="Server deadline per request in seconds (504)."
+    )
+    parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="Request body limit (413).")
+    return parser
+
+
+def check_device(spec: str) -> str:
+    spec = spec.strip()
+    if spec in ("auto", "cpu"):
+        return spec
+    parts = [p.strip() for p in spec.split(",")]
+    bad = [p for p in parts if not _DEVICE_RE.match(p)]
+    if bad or not parts:
+        raise SettingsError(f"--device: {spec!r} is not auto, cpu, or a list like cuda:0,cuda:1 (bad: {bad})")
+    if len(set(parts)) != len(parts):
+        raise SettingsError(f"--device: {spec!r} names a device twice")
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [p for p in parts if int(p.split(":")[1]) >= count]
+    if missing:
+        have = f"this machine has {count} CUDA device(s)"
+        raise SettingsError(f"--device: {', '.join(missing)} not present ({have})")
+    return ",".join(parts)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Check every flag of ours and the model directory; raises SettingsError with a one-line message."""
+    model_dir = Path(args.model_dir)
+    if not model_dir.is_dir():
+        raise SettingsError(f"--model_dir: {model_dir} is not a directory")
+    if not (model_dir / "model.json").is_file():
+        raise SettingsError(f"--model_dir: {model_dir / 'model.json'} is missing")
+    device = check_device(args.device)
+    if args.dtype in ("fp16", "bf16") and device == "cpu":
+        raise SettingsError(f"--dtype: {args.dtype} needs a CUDA device; the CPU runs fp32")
+    positive = {
+        "--max_images_per_request": args.max_images_per_request,
+        "--queue_size": args.queue_size,
+        "--request_timeout": args.request_timeout,
+        "--max_body_bytes": args.max_body_bytes,
+    }
+    for flag, value in positive.items():
+        if not value > 0:
+            raise SettingsError(f"{flag}: must be > 0, got {value}")
+    if args.max_batch_images < 0:
+        got = args.max_batch_images
+        raise SettingsError(f"--max_batch_images: must be >= 0 (0 = derive from memory), got {got}")
+    if args.workers != 1:
+        raise SettingsError("--workers: must be 1 (one process owns the GPUs; batching happens inside it)")
+    return ServerSettings(
+        model_dir=str(model_dir),
+        device=device,
+        dtype=args.dtype,
+        max_batch_images=args.max_batch_images,
+        max_images_per_request=args.max_images_per_request,
+        queue_size=args.queue_size,
+        request_timeout=args.request_timeout,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_BAD_SETTINGS
+
+    import kserve
+    from kserve import model_server
+
+    from app.store import ModelStoreError
+
+    model = KandinskyModel(args.model_name, settings)
+    try:
+        model.load()
+    except (ModelStoreError, ValueError, FileNotFoundError) as exc:
+        # A bad model directory is a setting problem: one line, no traceback.
+        sys.stderr.write(f"error: {exc}\n".replace("\n", " ").rstrip() + "\n")
+        return EXIT_BAD_SETTINGS
+    server = kserve.ModelServer(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=1,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=True,
+        enable_latency_logging=args.enable_latency_logging,
+        access_log_format=args.access_log_format,
+        event_loop=args.event_loop,
+        timeout_keep_alive=args.timeout_keep_alive,
+        # uvicorn waits this long for in-flight requests after SIGTERM; each ends by its deadline anyway.
+        grace_period=int(settings.request_timeout) + 5,
+    )
+    configure_app(model_server.app, model)
+    server.start([model])
+    log.info("server stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
