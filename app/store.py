@@ -310,7 +310,7 @@ def check_state_dict(
         )
 
 
-def _device_for(name: str, device_map: Mapping[str, str | torch.device] | None) -> torch.device:
+def device_for(name: str, device_map: Mapping[str, str | torch.device] | None) -> torch.device:
     """Longest-prefix match of a tensor name against accelerate-style module prefixes ("" = everything)."""
     if not device_map:
         return torch.device("cpu")
@@ -351,7 +351,7 @@ def _stream_in(
     """
     total = 0
     for name in list(names):
-        value = _convert(sd.pop(name), _device_for(name, device_map), dtype)
+        value = _convert(sd.pop(name), device_for(name, device_map), dtype)
         _install(model, name, value)
         total += value.numel() * value.element_size()
     return total
@@ -392,7 +392,7 @@ def load_dalle(
     del sd
     _materialise_leftovers(model, device_map, file)
     model.eval()
-    where = ", ".join(sorted({str(_device_for(n, device_map)) for n in expected}))
+    where = ", ".join(sorted({str(device_for(n, device_map)) for n in expected}))
     _log_loaded("ruDALL-E transformer", file, len(expected), nbytes, started, where)
     return model
 
@@ -499,38 +499,3 @@ def load_clip(manifest: Manifest, device: str | torch.device = "cpu", dtype: tor
 
     return ClipRanker.load(manifest.ruclip, device, dtype)
 
-
-def verify_model_dir(model_dir: str | Path) -> dict[str, int]:
-    """Check a model directory without loading it onto a device: every file present and readable,
-    every tensor named and shaped as the manifest implies. Returns tensor counts per component.
-    """
-    from app.nets.clip import CLIP_FILES, expected_clip_tensors, read_clip_config
-
-    manifest = load_manifest(model_dir)
-    expected = expected_tensors(manifest)
-    counts: dict[str, int] = {}
-
-    sd = read_state_dict(manifest.dalle_checkpoint)
-    check_state_dict(sd, expected["dalle"], manifest.dalle_checkpoint, allowed_extra=MASK_BUFFERS)
-    counts["dalle"] = len(expected["dalle"])
-
-    sd = _unwrap_vqgan(read_state_dict(manifest.vqgan_checkpoint), manifest.vqgan_checkpoint)
-    needed = set(vqgan_decode_tensor_names(manifest.vqgan))
-    check_state_dict(sd, expected["vqgan"], manifest.vqgan_checkpoint,
-                     optional=set(expected["vqgan"]) - needed, ignore_unknown=True)
-    counts["vqgan"] = sum(1 for k in sd if k in expected["vqgan"])
-
-    sd = dict(unwrap_realesrgan_state_dict(read_state_dict(manifest.realesrgan_checkpoint)))
-    check_state_dict(sd, expected["realesrgan"], manifest.realesrgan_checkpoint)
-    counts["realesrgan"] = len(expected["realesrgan"])
-    del sd
-
-    load_tokenizer(manifest)
-    for name in CLIP_FILES:
-        if not (manifest.ruclip / name).is_file():
-            raise ModelStoreError(f"ruCLIP file not found: {manifest.ruclip / name}")
-    clip_expected = expected_clip_tensors(read_clip_config(manifest.ruclip))
-    clip_file = manifest.ruclip / "pytorch_model.bin"
-    check_state_dict(read_state_dict(clip_file), clip_expected, clip_file)
-    counts["ruclip"] = len(clip_expected)
-    return counts

@@ -2,7 +2,7 @@
 
 ``python -m app.tiny [PATH]`` (default ``model_store/tiny``) writes ``model.json`` plus:
 
-- ``tokenizer/bpe.model``: a YouTokenToMe BPE trained on a few dozen Russian sentences;
+- ``tokenizer/bpe.model``: a YouTokenToMe BPE model learnt from a few dozen Russian sentences;
 - ``rudalle_tiny.bin``: a plain ``torch.save`` dict with ruDALL-E's tensor names, including the three
   attention-mask buffers the published files carry (stored as bool here to keep the file small);
 - ``vae/vqgan.tiny.ckpt``: ``{"state_dict": {...}}`` with every taming model tensor (encoder included)
@@ -17,15 +17,15 @@ gives the same tensors.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import logging
 import math
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +163,64 @@ def random_state_dict(
     return {name: _random_tensor(name, tuple(shape), gen, logit_gain) for name, shape in expected.items()}
 
 
+SPACE = "\u2581"  # YouTokenToMe marks the start of every word with "▁"
+
+
+def bpe_merges(lines: Iterable[str], vocab_size: int) -> tuple[dict[str, int], list[tuple[int, int, int]]]:
+    """Byte-pair merges learnt from ``lines``, with deterministic tie-breaking.
+
+    YouTokenToMe's trainer breaks frequency ties differently from run to run (observed with
+    n_threads=1), so its models are not reproducible; this one picks the most frequent pair, then the
+    smallest ids. Returns (char -> id, merges as (left id, right id, new id)); ids 0..3 are PAD, UNK,
+    BOS, EOS as in YouTokenToMe.
+    """
+    words: collections.Counter[str] = collections.Counter()
+    for line in lines:
+        words.update(SPACE + w for w in line.split())
+    char_counts: collections.Counter[str] = collections.Counter()
+    for word, n in words.items():
+        for ch in word:
+            char_counts[ch] += n
+    chars = sorted(char_counts, key=lambda c: (-char_counts[c], ord(c)))
+    char_ids = {c: 4 + i for i, c in enumerate(chars)}
+    seqs = [([char_ids[c] for c in word], n) for word, n in sorted(words.items())]
+    merges: list[tuple[int, int, int]] = []
+    next_id = 4 + len(chars)
+    while next_id < vocab_size:
+        pairs: collections.Counter[tuple[int, int]] = collections.Counter()
+        for seq, n in seqs:
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append((best[0], best[1], next_id))
+        for seq, _ in seqs:
+            i = 0
+            while i < len(seq) - 1:
+                if (seq[i], seq[i + 1]) == best:
+                    seq[i : i + 2] = [next_id]
+                i += 1
+        next_id += 1
+    return char_ids, merges
+
+
 def train_bpe(path: Path, vocab_size: int) -> int:
-    """Train the tiny YouTokenToMe BPE on ``CORPUS`` into ``path``; returns its real vocabulary size."""
+    """Write a YouTokenToMe BPE model learnt from ``CORPUS`` to ``path``; returns its vocabulary size.
+
+    The file is YouTokenToMe's own model format (read back with ``yttm.BPE``): a header with the
+    character and merge counts, one ``codepoint id`` line per character, one ``left right new`` line per
+    merge, then the special ids ``unk pad bos eos``.
+    """
     import youtokentome as yttm
 
+    char_ids, merges = bpe_merges(CORPUS, vocab_size)
+    lines = [f"{len(char_ids)} {len(merges)}"]
+    lines += [f"{ord(c)} {i}" for c, i in char_ids.items()]
+    lines += [f"{a} {b} {c}" for a, b, c in merges]
+    lines.append("1 0 2 3")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-        # One thread: YTTM's merges are then a deterministic function of the corpus.
-        yttm.BPE.train(data=str(corpus), model=str(path), vocab_size=vocab_size, n_threads=1)
+    path.write_text("\n".join(lines) + "\n", encoding="ascii")
     return int(yttm.BPE(model=str(path)).vocab_size())
 
 
