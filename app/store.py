@@ -390,24 +390,16 @@ def load_dalle(
         model = DalleModel(manifest.dalle)
     nbytes = _stream_in(model, sd, expected, device_map, dtype)
     del sd
-    _materialise_leftovers(model, device_map, file)
+    _require_loaded(model, file)
     model.eval()
     where = ", ".join(sorted({str(device_for(n, device_map)) for n in expected}))
     _log_loaded("ruDALL-E transformer", file, len(expected), nbytes, started, where)
     return model
 
 
-def _materialise_leftovers(
-    model: torch.nn.Module, device_map: Mapping[str, str | torch.device] | None, file: Path
-) -> None:
-    """Rebuild tensors the checkpoint does not hold (derived buffers such as masks) on their devices."""
+def _require_loaded(model: torch.nn.Module, file: Path) -> None:
+    """Every parameter and buffer must have come from the checkpoint (none left on the meta device)."""
     left = _left_on_meta(model)
-    if not left:
-        return
-    rebuild = getattr(model, "rebuild_buffers", None)
-    if callable(rebuild):
-        rebuild(device_map)
-        left = _left_on_meta(model)
     if left:
         names = ", ".join(left[:10])
         raise ModelStoreError(f"{file}: no weights for {names} (model left on the meta device)")
@@ -446,7 +438,7 @@ def load_vqgan(manifest: Manifest, device: str | torch.device = "cpu", dtype: to
         raise ModelStoreError(f"{file}: missing tensors needed by the decoder: {', '.join(missing[:10])}")
     sd = {n: sd[n] for n in names}
     nbytes = _stream_in(model, sd, names, {"": device}, dtype)
-    _materialise_leftovers(model, {"": device}, file)
+    _require_loaded(model, file)
     model.eval()
     _log_loaded("VQ-GAN decoder", file, len(names), nbytes, started, str(device))
     return model
@@ -468,7 +460,7 @@ def load_realesrgan(
     with torch.device("meta"):
         model = RRDBNet(cfg)
     nbytes = _stream_in(model, sd, expected, {"": device}, dtype)
-    _materialise_leftovers(model, {"": device}, file)
+    _require_loaded(model, file)
     model.eval()
     _log_loaded(f"RealESRGAN x{cfg.scale}", file, len(expected), nbytes, started, str(device))
     return model
