@@ -296,4 +296,5 @@ def upscale(
     Upstream ``RealESRGAN.predict``'s algorithm; network memory is bounded by ``batch`` tiles of
     ``tile + 2*overlap`` pixels whatever the image size.
     """
+    image = _as_hwc_uint8(image, "image")
     return upscale_batch(net, [image], tile=tile, overlap=overlap, pad=pad, batch=batch)[0]
