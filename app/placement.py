@@ -136,6 +136,10 @@ def _gib(n: int) -> float:
     return round(n / GiB, 3)
 
 
+def _amount(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:.1f} MiB"
+
+
 # ------------------------------------------------------------------------------------------- devices
 
 
@@ -482,7 +486,7 @@ def plan_placement(
             hint = f"at most {best} images fit" if best else "not even one image fits"
             raise PlacementError(
                 f"max_batch_images={max_batch_images} does not fit on {', '.join(names)} ({dtype}): "
-                f"{attempt.shortfall / GiB:.2f} GiB missing; {hint}"
+                f"{_amount(attempt.shortfall)} missing; {hint}"
             )
         plan = planner.plan(max_batch_images, attempt.layer_devices)
     else:
@@ -490,10 +494,10 @@ def plan_placement(
         if not best:
             need = fits(1).shortfall
             raise PlacementError(
-                f"the model ({sum(planner.layer_weights) / GiB:.2f} GiB of layers in {dtype}) with a "
-                f"one-image batch does not fit on {', '.join(names)}: {need / GiB:.2f} GiB missing "
-                f"(free memory minus {reserve_bytes / GiB:.2f} GiB reserve per device and "
-                f"{other_nets_bytes / GiB:.2f} GiB for the other networks on {names[0]})"
+                f"the model ({_amount(sum(planner.layer_weights))} of layers in {dtype}) with a "
+                f"one-image batch does not fit on {', '.join(names)}: {_amount(need)} missing "
+                f"(free memory minus {_amount(reserve_bytes)} reserve per device and "
+                f"{_amount(other_nets_bytes)} for the other networks on {names[0]})"
             )
         attempt = fits(best)
         assert attempt.layer_devices is not None  # _largest_fitting checked it
@@ -522,19 +526,22 @@ def _largest_fitting(fits: Callable[[int], _Attempt], upper: int) -> int:
 def bytes_read_per_step(
     cfg: DalleConfig, dtype: torch.dtype, batch: int, step: int, windowed: bool = True
 ) -> int:
-    """Bytes a decode step must read from memory: every layer's weights, ``to_logits`` and the KV cache.
+    """The least a decode step must read from memory: every layer's weights, the head and the KV cache.
 
-    ``step`` is the image token index being produced (0..image_seq_length-1); the cached keys so far
-    are ``n_text + step`` positions, capped by each layer's window.
+    The head is ``transformer.final_layernorm``, ``to_logits[0]`` and the image rows of ``to_logits[1]``
+    (the decoder computes only image logits). ``step`` is the image token being produced
+    (0..image_seq_length-1); the cache then holds ``n_text + step`` positions, capped by each layer's
+    window. A step that attends over whole preallocated caches (graph capture) reads more than this.
     """
     size = _dtype_bytes(dtype)
-    h = cfg.hidden_size
-    layer_weights = cfg.num_layers * (12 * h * h + 13 * h + (4 * h if cfg.cogview_sandwich_layernorm else 0))
-    head_weights = 2 * h + h * cfg.total_vocab_size + cfg.total_vocab_size + 2 * h
+    h, iv = cfg.hidden_size, cfg.image_vocab_size
+    norms_per_layer = 4 if cfg.cogview_sandwich_layernorm else 2
+    layer_weights = cfg.num_layers * (12 * h * h + 9 * h + norms_per_layer * 2 * h)
+    head_weights = 2 * (2 * h) + iv * h + iv
     seen = cfg.n_text + step
-    kv = 0
-    for i in range(cfg.num_layers):
-        kv += 2 * batch * min(seen, kv_positions(cfg, i, windowed)) * h * size
+    kv = sum(
+        2 * batch * min(seen, kv_positions(cfg, i, windowed)) * h * size for i in range(cfg.num_layers)
+    )
     return (layer_weights + head_weights) * size + kv
 
 
