@@ -165,6 +165,15 @@ def test_read_state_dict_refuses_pickled_objects(tmp_path: Path) -> None:
         store.read_state_dict(path)
 
 
+def test_read_state_dict_falls_back_for_legacy_non_zip_files(tmp_path: Path) -> None:
+    path = tmp_path / "old.bin"
+    torch.save({"a": torch.arange(3.0)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(store.read_state_dict(path, mmap=True)["a"], torch.arange(3.0))
+    torch.save({"a": torch.zeros(1), "obj": Payload()}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelStoreError, match=r"refusing to load .*old\.bin"):
+        store.read_state_dict(path)
+
+
 def test_read_state_dict_reads_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
