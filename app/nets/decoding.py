@@ -149,8 +149,7 @@ class _Group:
 class _CapturedSegment:
     """One segment of the one-token step for one micro-batch, recorded as a CUDA graph."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor,
-                 pool: Any) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> None:
         device = example.device
         self.static_in = example.clone()
         side = torch.cuda.Stream(device)
@@ -162,7 +161,9 @@ class _CapturedSegment:
                 fn(self.static_in)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # A private memory pool per graph: micro-batch graphs replay interleaved with reads of each
+        # other's outputs, so a shared pool could hand one graph's scratch space to another's output.
+        with torch.cuda.graph(self.graph):
             self.static_out = fn(self.static_in)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,6 @@ class ImageTokenDecoder:
         # (group bounds, segment index) -> the captured graph of that segment for that micro-batch.
         self.step_graphs: dict[tuple[int, int, int], _CapturedSegment] = {}
         self._static_pos: dict[torch.device, torch.Tensor] = {}
-        self._graph_pool: Any = None
 
     # ----------------------------------------------------------------------------------- planning
 
@@ -511,9 +511,7 @@ class ImageTokenDecoder:
         graph = self.step_graphs.get(key)
         if graph is None:
             seg = self.segments[n]
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
             log.info("capturing the decode step: rows %d..%d, segment %d on %s", g.r0, g.r1, n, seg.device)
-            graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x, self._graph_pool)
+            graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x)
             self.step_graphs[key] = graph
         return graph
