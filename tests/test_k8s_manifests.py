@@ -1,0 +1,661 @@
+"""Static checks of the deployment: k8s/ manifests against KServe's real CRD schemas, against the real
+server (its argument parser, its HTTP routes, its metric names) and against the Dockerfile.
+
+Nothing here needs a cluster, Docker or the network. The CRDs come from the shared folder
+(KANDINSKY_SHARED_DIR, else <repo>/../shared, else <repo>/shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import app as app_pkg
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+IMAGE_NAME = "kandinsky-serving"
+KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
+KANDINSKY_CHECKPOINT_BYTES = 23 * 10**9  # SPEC section 2: the published transformer file
+GPU = "nvidia.com/gpu"
+
+NATIVE_KINDS = {
+    ("v1", "ServiceAccount"),
+    ("v1", "Secret"),
+    ("v1", "PersistentVolumeClaim"),
+    ("v1", "ConfigMap"),
+    ("batch/v1", "Job"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+CRD_FILES = {
+    "InferenceService": "serving.kserve.io_inferenceservices.yaml",
+    "ClusterServingRuntime": "serving.kserve.io_clusterservingruntimes.yaml",
+    "ServingRuntime": "serving.kserve.io_servingruntimes.yaml",
+}
+# Metrics the alert rules may use that come from the cluster, not from our server.
+EXTERNAL_METRICS = {"kube_pod_status_ready", "up"}
+# Labels Prometheus' pod scraping attaches to every series (plus `le` of histogram buckets).
+TARGET_LABELS = {"namespace", "pod", "instance", "job", "container", "service", "le"}
+
+
+# ------------------------------------------------------------------------------------------ k8s loading
+
+
+def _load_yaml(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+
+
+def _kustomization(directory: Path) -> dict[str, Any]:
+    return _load_yaml(directory / "kustomization.yaml")[0]
+
+
+def _walk_kustomization(directory: Path) -> Iterator[tuple[Path, Path]]:
+    """(kustomization dir, file) for every resource and generator file, following nested kustomizations."""
+    kust = _kustomization(directory)
+    for entry in kust.get("resources", []):
+        target = (directory / entry).resolve()
+        if target.is_dir():
+            yield from _walk_kustomization(target)
+        else:
+            yield directory, target
+    for gen in kust.get("configMapGenerator", []) + kust.get("secretGenerator", []):
+        for entry in gen.get("files", []):
+            yield directory, (directory / entry.split("=", 1)[-1]).resolve()
+
+
+@cache
+def _roots() -> tuple[Path, ...]:
+    """k8s/ itself plus every kustomization not included by another (e.g. the one-off weights Job)."""
+    all_dirs = {p.parent.resolve() for p in K8S.rglob("kustomization.yaml")}
+    included: set[Path] = set()
+    for d in all_dirs:
+        for entry in _kustomization(d).get("resources", []):
+            target = (d / entry).resolve()
+            if target.is_dir():
+                included.add(target)
+    return tuple(sorted(all_dirs - included))
+
+
+@cache
+def _objects() -> tuple[tuple[Path, dict[str, Any]], ...]:
+    out = []
+    for root in _roots():
+        for _, path in _walk_kustomization(root):
+            if path.suffix in (".yaml", ".yml"):
+                out.extend((path, doc) for doc in _load_yaml(path))
+    return tuple(out)
+
+
+def _of_kind(kind: str) -> list[dict[str, Any]]:
+    return [doc for _, doc in _objects() if doc.get("kind") == kind]
+
+
+def _isvc_ids() -> list[str]:
+    return [d["metadata"]["name"] for d in _of_kind("InferenceService")]
+
+
+def _isvc(name: str) -> dict[str, Any]:
+    return next(d for d in _of_kind("InferenceService") if d["metadata"]["name"] == name)
+
+
+def _runtime_for(isvc: dict[str, Any]) -> dict[str, Any]:
+    model = isvc["spec"]["predictor"]["model"]
+    runtimes = _of_kind("ClusterServingRuntime") + _of_kind("ServingRuntime")
+    matches = [r for r in runtimes if r["metadata"]["name"] == model["runtime"]]
+    assert matches, f"{isvc['metadata']['name']}: runtime {model['runtime']!r} is not defined in k8s/"
+    return matches[0]
+
+
+def _quantity(q: str | int) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9, "m": 1e-3}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(q))
+    assert m, f"not a quantity: {q!r}"
+    return float(m.group(1)) * units.get(m.group(2), 1)
+
+
+def _duration_s(text: str) -> float:
+    total, pos = 0.0, 0
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(h|m|s)", text):
+        assert m.start() == pos, f"not a Go duration: {text!r}"
+        total += float(m.group(1)) * {"h": 3600, "m": 60, "s": 1}[m.group(2)]
+        pos = m.end()
+    assert pos == len(text) and pos, f"not a Go duration: {text!r}"
+    return total
+
+
+# ---------------------------------------------------------------------------------------- CRD schemas
+
+
+def _shared_dir() -> Path | None:
+    candidates = [os.environ.get("KANDINSKY_SHARED_DIR"), REPO.parent / "shared", REPO / "shared"]
+    for c in candidates:
+        if c and (Path(c) / "k8s" / "crds").is_dir():
+            return Path(c)
+    return None
+
+
+def _strict(schema: Any) -> Any:
+    """Reject unknown fields as `kubectl apply --validate=strict` does: the API server would otherwise
+    prune them silently, and a misspelled field (minReplica) would just vanish."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def _validator(kind: str) -> Any:
+    import jsonschema
+
+    shared = _shared_dir()
+    if shared is None:
+        pytest.skip("KServe CRDs not found: set KANDINSKY_SHARED_DIR or put shared/k8s/crds next to the repo")
+    crd = _load_yaml(shared / "k8s" / "crds" / CRD_FILES[kind])[0]
+    assert crd["spec"]["names"]["kind"] == kind
+    versions = [v for v in crd["spec"]["versions"] if v.get("served")]
+    version = next((v for v in versions if v.get("storage")), versions[0])
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return f"{crd['spec']['group']}/{version['name']}", cls(schema)
+
+
+def _schema_errors(doc: dict[str, Any]) -> list[str]:
+    api_version, validator = _validator(doc["kind"])
+    errors = [f"apiVersion {doc.get('apiVersion')!r}, served: {api_version!r}"] if (
+        doc.get("apiVersion") != api_version) else []
+    for err in validator.iter_errors(doc):
+        errors.append(f"{'.'.join(str(p) for p in err.absolute_path)}: {err.message}")
+    return errors
+
+
+def test_every_kserve_object_validates_against_the_served_crd_schema() -> None:
+    kserve_docs = [(p, d) for p, d in _objects() if d.get("kind") in CRD_FILES]
+    assert {d["kind"] for _, d in kserve_docs} >= {"InferenceService", "ClusterServingRuntime"}
+    problems = [f"{p.relative_to(REPO)} {d['metadata']['name']}: {e}" for p, d in kserve_docs
+                for e in _schema_errors(d)]
+    assert not problems, "\n".join(problems)
+
+
+def test_strict_schema_rejects_a_misspelled_field_and_a_wrong_type() -> None:
+    doc = json.loads(json.dumps(_of_kind("InferenceService")[0]))
+    doc["spec"]["predictor"]["minReplica"] = 1
+    doc["spec"]["predictor"]["timeout"] = "900"
+    errors = "\n".join(_schema_errors(doc))
+    assert "minReplica" in errors and "'900' is not of type 'integer'" in errors
+
+
+def test_every_other_object_is_a_known_kubernetes_kind_with_a_name() -> None:
+    name_re = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for path, doc in _objects():
+        key = (doc.get("apiVersion"), doc.get("kind"))
+        if doc.get("kind") not in CRD_FILES:
+            assert key in NATIVE_KINDS, f"{path}: unexpected {key}"
+        name = doc.get("metadata", {}).get("name", "")
+        assert name_re.match(name) and len(name) <= 63, f"{path}: bad metadata.name {name!r}"
+        assert "namespace" not in doc["metadata"], f"{path}: the namespace comes from `kubectl -n`"
+
+
+def test_kustomizations_reference_every_manifest_file_under_k8s() -> None:
+    referenced = {p for root in _roots() for _, p in _walk_kustomization(root)}
+    for p in referenced:
+        assert p.is_file(), f"kustomization references a missing file: {p}"
+    on_disk = {p.resolve() for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml", ".json")
+               and p.name != "kustomization.yaml"}
+    orphans = sorted(str(p.relative_to(K8S)) for p in on_disk - referenced)
+    assert not orphans, f"files under k8s/ that no kustomization applies: {orphans}"
+    assert K8S.resolve() in _roots()
+
+
+# ------------------------------------------------------------------------------------- the real server
+
+
+@cache
+def _server_parser() -> Any:
+    """The argument parser `python -m app` really uses."""
+    import argparse
+
+    import app.__main__ as entry
+
+    builder = getattr(entry, "build_parser", None)
+    if builder is None:  # tolerate a rename, but insist that the entry point exposes its parser
+        builders = [f for n, f in vars(entry).items() if "parser" in n.lower() and callable(f)]
+        assert builders, "app/__main__.py exposes no parser builder"
+        builder = builders[0]
+    parser = builder()
+    assert isinstance(parser, argparse.ArgumentParser)
+    return parser
+
+
+def _server_args(isvc: dict[str, Any]) -> list[str]:
+    """Runtime args (templated with the InferenceService name), then the InferenceService's own:
+    KServe concatenates the two lists when it merges the containers."""
+    runtime_args = _runtime_for(isvc)["spec"]["containers"][0].get("args", [])
+    name = isvc["metadata"]["name"]
+    args = [a.replace("{{.Name}}", name) for a in runtime_args]
+    return args + list(isvc["spec"]["predictor"]["model"].get("args", []))
+
+
+def _parse(args: list[str]) -> Any:
+    try:
+        return _server_parser().parse_args(args)
+    except SystemExit as exc:  # argparse exits on an unknown flag or a bad value
+        raise AssertionError(f"the server rejects its manifest args {args}") from exc
+
+
+@cache
+def _served_routes() -> dict[str, set[str]]:
+    """Path templates -> methods of the app `python -m app` serves: KServe's REST routes plus ours."""
+    from fastapi import APIRouter, FastAPI
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.rest.server import metrics_handler
+    from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
+    from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
+
+    from app.model import KandinskyModel, ServerSettings, configure_app
+
+    app = FastAPI()
+    repo = ModelRepository()
+    root = APIRouter()  # as kserve's RESTServer registers /metrics
+    root.add_api_route("/metrics", metrics_handler, methods=["GET"])
+    app.include_router(root)
+    register_v1_endpoints(app, DataPlane(model_registry=repo), None)
+    register_v2_endpoints(app, DataPlane(model_registry=repo), None)
+    configure_app(app, KandinskyModel("kandinsky", ServerSettings()))
+
+    routes: dict[str, set[str]] = {}
+
+    def walk(items: Any) -> None:
+        for r in items:
+            if getattr(r, "path", None):
+                routes.setdefault(r.path, set()).update(getattr(r, "methods", None) or ())
+            sub = getattr(r, "original_router", None)  # FastAPI's lazily included routers
+            if sub is not None:
+                walk(sub.routes)
+
+    walk(app.routes)
+    return routes
+
+
+def _route_for(path: str, method: str = "GET") -> str | None:
+    for template, methods in _served_routes().items():
+        pattern = re.sub(r"\\\{[^}]+\\\}", "[^/:]+", re.escape(template))
+        if re.fullmatch(pattern, path) and method in methods:
+            return template
+    return None
+
+
+def test_route_discovery_finds_the_documented_routes() -> None:
+    assert _route_for("/v1/models/kandinsky") == "/v1/models/{model_name}"
+    assert _route_for("/v1/models/kandinsky:predict", "POST") == "/v1/models/{model_name}:predict"
+    assert _route_for("/v1/models/kandinsky/card") == "/v1/models/{model_name}/card"
+    assert _route_for("/v2/health/live") and _route_for("/metrics")
+    assert _route_for("/v2/health/alive") is None
+
+
+@pytest.mark.parametrize("name", _isvc_ids())
+def test_container_args_parse_with_the_real_server_parser(name: str) -> None:
+    isvc = _isvc(name)
+    args = _parse(_server_args(isvc))
+    assert args.model_name == name  # the route is /v1/models/<InferenceService name>
+    assert args.model_dir == KSERVE_MODEL_DIR
+    assert args.workers == 1
+    devices = args.device.split(",")
+    gpus = int(isvc["spec"]["predictor"]["model"]["resources"]["limits"][GPU])
+    assert all(re.fullmatch(r"cuda:\d+", d) for d in devices) and len(set(devices)) == len(devices)
+    assert len(devices) == gpus, f"--device names {len(devices)} GPUs, the pod gets {gpus}"
+    product = isvc["spec"]["predictor"].get("nodeSelector", {}).get("nvidia.com/gpu.product", "")
+    if "V100" in product or "T4" in product:  # no bf16 before Ampere
+        assert args.dtype == "fp16"
+
+
+def test_the_parser_check_can_fail() -> None:
+    with pytest.raises(AssertionError, match="rejects"):
+        _parse(["--model_name=x", "--devices=cuda:0"])
+
+
+@pytest.mark.parametrize("name", _isvc_ids())
+def test_ports_and_probes_match_the_served_routes(name: str) -> None:
+    isvc = _isvc(name)
+    args = _parse(_server_args(isvc))
+    runtime = _runtime_for(isvc)
+    container = runtime["spec"]["containers"][0]
+    assert [p["containerPort"] for p in container["ports"]] == [args.http_port]
+    model = isvc["spec"]["predictor"]["model"]
+
+    ready = model["readinessProbe"]["httpGet"]
+    assert ready["path"] == f"/v1/models/{args.model_name}"
+    assert _route_for(ready["path"]) == "/v1/models/{model_name}"
+    for probe in ("livenessProbe", "startupProbe"):
+        get = model[probe]["httpGet"]
+        assert _route_for(get["path"]) == "/v2/health/live", f"{probe} {get['path']} is not served"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert model[probe]["httpGet"].get("port", args.http_port) == args.http_port
+
+    ann = isvc["metadata"]["annotations"]
+    assert ann["serving.kserve.io/enable-prometheus-scraping"] == "true"
+    assert ann["prometheus.io/scrape"] == "true"
+    assert int(ann["prometheus.io/port"]) == args.http_port
+    assert _route_for(ann["prometheus.io/path"]) == "/metrics"
+    rt_ann = runtime["spec"]["annotations"]
+    assert int(rt_ann["prometheus.kserve.io/port"]) == args.http_port
+    assert _route_for(rt_ann["prometheus.kserve.io/path"]) == "/metrics"
+
+
+@pytest.mark.parametrize("name", _isvc_ids())
+def test_timeouts_concurrency_and_scaling_fit_the_server(name: str) -> None:
+    isvc = _isvc(name)
+    args = _parse(_server_args(isvc))
+    pred = isvc["spec"]["predictor"]
+    # The server's deadline answers first (a JSON 504); the pod's grace period (Knative: the revision
+    # timeout) covers the server's drain of request_timeout + 5 s after SIGTERM.
+    assert pred["timeout"] >= args.request_timeout + 5
+    # Knative never hands a pod more requests than its queue holds, so the server never answers 503 "full".
+    assert 1 <= pred["containerConcurrency"] <= args.queue_size
+    assert pred["minReplicas"] >= 1, "a multi-GB model must not scale to zero"
+    assert pred["maxReplicas"] >= pred["minReplicas"]
+    assert pred["scaleMetric"] == "concurrency" and 1 <= pred["scaleTarget"] <= pred["containerConcurrency"]
+
+    model = pred["model"]
+    startup = model["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    if pred["model"]["storageUri"].rstrip("/").endswith("/kandinsky"):
+        assert budget >= 30 * 60, "a 23 GB load needs a 30 min start-up budget"
+    ann = isvc["metadata"]["annotations"]
+    deadline = _duration_s(ann["serving.knative.dev/progress-deadline"])
+    assert deadline >= budget, "Knative would give up on the revision before the startupProbe does"
+    assert _duration_s(ann["autoscaling.knative.dev/window"]) >= 60
+
+
+@pytest.mark.parametrize("name", _isvc_ids())
+def test_memory_gpu_and_shared_memory_sizing(name: str) -> None:
+    isvc = _isvc(name)
+    pred = isvc["spec"]["predictor"]
+    res = pred["model"]["resources"]
+    assert res["requests"][GPU] == res["limits"][GPU]
+    mem = _quantity(res["limits"]["memory"])
+    if pred["model"]["storageUri"].rstrip("/").endswith("/kandinsky"):
+        # The checkpoint is memory-mapped while streaming to the GPUs: page cache charged to the pod.
+        assert mem >= KANDINSKY_CHECKPOINT_BYTES * 1.5
+    shm = [v for v in pred["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+    assert len(shm) == 1
+    mounts = {m["name"]: m["mountPath"] for m in pred["model"]["volumeMounts"]}
+    assert mounts[shm[0]["name"]] == "/dev/shm"
+    assert _quantity(shm[0]["emptyDir"]["sizeLimit"]) < mem / 4  # tmpfs pages count against the limit
+
+
+def test_storage_uris_point_at_objects_defined_here() -> None:
+    pvcs = {d["metadata"]["name"] for d in _of_kind("PersistentVolumeClaim")}
+    accounts = {d["metadata"]["name"]: d for d in _of_kind("ServiceAccount")}
+    secrets = {d["metadata"]["name"]: d for d in _of_kind("Secret")}
+    schemes = set()
+    for isvc in _of_kind("InferenceService"):
+        pred = isvc["spec"]["predictor"]
+        uri = pred["model"]["storageUri"]
+        scheme = uri.split("://", 1)[0]
+        schemes.add(scheme)
+        if scheme == "pvc":
+            assert uri.split("/")[2] in pvcs, f"{uri}: no such PVC in k8s/"
+        elif scheme == "s3":
+            sa = accounts[pred["serviceAccountName"]]
+            secret = secrets[sa["secrets"][0]["name"]]
+            assert "serving.kserve.io/s3-endpoint" in secret["metadata"]["annotations"]
+            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+            # The storage initializer downloads into the pod's ephemeral storage before the server starts.
+            assert _quantity(pred["model"]["resources"]["requests"]["ephemeral-storage"]) >= 30 * 2**30
+        else:
+            raise AssertionError(f"unexpected storageUri scheme in {uri}")
+    assert schemes == {"pvc", "s3"}
+
+
+def test_model_format_is_served_by_the_named_runtime() -> None:
+    for isvc in _of_kind("InferenceService"):
+        model = isvc["spec"]["predictor"]["model"]
+        formats = {f["name"] for f in _runtime_for(isvc)["spec"]["supportedModelFormats"]}
+        assert model["modelFormat"]["name"] in formats
+
+
+# ------------------------------------------------------------------------------ image and Dockerfile
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    text = re.sub(r"\\\n", " ", text)
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile()
+    last_from = max(i for i, (w, _) in enumerate(instructions) if w == "FROM")
+    return instructions[last_from:]
+
+
+def test_dockerfile_runs_the_server_as_uid_1000_on_the_manifests_port() -> None:
+    final = _final_stage()
+    users = [rest for w, rest in final if w == "USER"]
+    assert users and users[-1].split(":")[0] == "1000"
+    entry = [rest for w, rest in final if w == "ENTRYPOINT"]
+    assert entry and json.loads(entry[-1]) == ["python", "-m", "app"]
+    exposed = {int(p.split("/")[0]) for w, rest in final if w == "EXPOSE" for p in rest.split()}
+    ports = {_parse(_server_args(i)).http_port for i in _of_kind("InferenceService")}
+    assert exposed == ports == {8080}
+    for runtime in _of_kind("ClusterServingRuntime"):
+        sc = runtime["spec"]["containers"][0]["securityContext"]
+        assert sc["runAsUser"] == 1000 and sc["runAsNonRoot"] is True
+        assert "command" not in runtime["spec"]["containers"][0], "the image's ENTRYPOINT is the server"
+
+
+def test_dockerfile_uses_the_pinned_install_step_on_a_cuda_runtime_base() -> None:
+    instructions = _dockerfile()
+    args = dict(rest.split("=", 1) for w, rest in instructions if w == "ARG" and "=" in rest)
+    bases = [rest.split()[0] for w, rest in instructions if w == "FROM"]
+    bases = [re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], b) for b in bases]
+    assert all(re.fullmatch(r"nvidia/cuda:13\.0\.\d+-runtime-ubuntu22\.04", b) for b in bases), bases
+    copies = " ".join(rest for w, rest in instructions if w == "COPY")
+    assert "requirements.txt" in copies and "scripts/install.sh" in copies
+    runs = [rest for w, rest in instructions if w == "RUN" and "scripts/install.sh" in rest]
+    assert len(runs) == 1
+    python = shlex.split(runs[0])[shlex.split(runs[0]).index("scripts/install.sh") + 1]
+    path_env = " ".join(rest for w, rest in _final_stage() if w == "ENV")
+    assert f"PATH={Path(python).parent}:" in path_env, "ENTRYPOINT's `python` must be the installed one"
+    assert "--dev" not in runs[0]
+
+
+def _dockerignored(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern matching a parent directory applies."""
+    parts = rel.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pat = raw[1:] if negate else raw
+        regex = "".join(".*" if tok == "**" else "[^/]*" if tok == "*" else "[^/]" if tok == "?"
+                        else re.escape(tok) for tok in re.split(r"(\*\*|\*|\?)", pat.strip("/")))
+        if any(re.fullmatch(regex, c) for c in candidates):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_weights_and_local_state_out_but_sends_what_the_build_copies() -> None:
+    patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for rel in ("requirements.txt", "scripts/install.sh", "app/__main__.py", "app/weights.py",
+                "model_store/kandinsky/model.json", "model_store/malevich/model.json"):
+        assert not _dockerignored(rel, patterns), f"{rel} is needed by the build"
+    for rel in (".venv/bin/python", ".git/HEAD", "model_store/kandinsky/rudalle_kandinsky.bin",
+                "model_store/kandinsky/ruclip-vit-large-patch14-336/pytorch_model.bin",
+                "model_store/tiny/model.json", "app/__pycache__/model.cpython-311.pyc", "tests/conftest.py"):
+        assert _dockerignored(rel, patterns), f"{rel} must not reach the image"
+    for w, rest in _dockerfile():
+        if w == "COPY" and not rest.startswith("--from"):
+            for src in shlex.split(rest)[:-1]:
+                assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+
+
+def _image_refs() -> list[tuple[str, str]]:
+    refs = []
+    for _, doc in _objects():
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec", spec)
+        for c in pod.get("containers", []) + pod.get("initContainers", []):
+            if "image" in c:
+                refs.append((doc["metadata"]["name"], c["image"]))
+    return refs
+
+
+def test_images_follow_the_makefile_tag_convention() -> None:
+    version = app_pkg.__version__
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(rf"^IMAGE \?= {IMAGE_NAME}$", makefile, re.M)
+    assert "docker build -t $(IMAGE):$(VERSION) ." in makefile
+    refs = _image_refs()
+    assert refs
+    for owner, image in refs:
+        assert image == f"{IMAGE_NAME}:{version}", f"{owner}: {image} is not {IMAGE_NAME}:{version}"
+    for root in _roots():
+        images = _kustomization(root).get("images", [])
+        entry = next(i for i in images if i["name"] == IMAGE_NAME)
+        assert entry["newTag"] == version, f"{root}/kustomization.yaml: tag {entry['newTag']}, app {version}"
+
+
+def test_weights_job_runs_real_weights_tool_commands() -> None:
+    from app import weights
+
+    jobs = _of_kind("Job")
+    assert jobs
+    parser = weights._parser()
+    commands = []
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == 1000
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            for cmd in " ".join(c["args"]).split("&&"):
+                argv = shlex.split(cmd)
+                assert argv[:3] == ["python", "-m", "app.weights"], cmd
+                parsed = parser.parse_args(argv[3:])
+                commands.append(parsed.command)
+                target = getattr(parsed, "dest", None) or parsed.model_dir
+                claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]]
+                mount = next(m["mountPath"] for m in c["volumeMounts"])
+                assert str(target).startswith(mount) and claims == ["kandinsky-weights"]
+    assert {"download", "verify"} <= set(commands)
+
+
+# --------------------------------------------------------------------------------- metrics and alerts
+
+
+@cache
+def _server_metrics() -> dict[str, tuple[str, frozenset[str]]]:
+    """Every series name the server exports -> (family, label names), from app.metrics itself."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import app.metrics as metrics
+
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count",
+                "_created"), "summary": ("_sum", "_count", "_created")}
+    out: dict[str, tuple[str, frozenset[str]]] = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            labels = frozenset(value._labelnames)
+            for family in value.describe():
+                for suffix in suffixes[family.type]:
+                    out[family.name + suffix] = (family.name, labels)
+    assert out, "app.metrics defines no metrics"
+    return out
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads((K8S / "monitoring" / "kandinsky-dashboard.json").read_text(encoding="utf-8"))
+
+
+def _dashboard_exprs() -> list[str]:
+    exprs = [t["expr"] for p in _dashboard()["panels"] for t in p.get("targets", [])]
+    for var in _dashboard()["templating"]["list"]:
+        if var.get("type") == "query":
+            q = var["query"]
+            exprs.append(q["query"] if isinstance(q, dict) else q)
+    return exprs
+
+
+def _rule_exprs() -> list[str]:
+    groups = [g for rule in _of_kind("PrometheusRule") for g in rule["spec"]["groups"]]
+    return [r["expr"] for g in groups for r in g["rules"]]
+
+
+_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+
+
+def _metric_problems(expr: str, allowed_external: set[str]) -> list[str]:
+    known = _server_metrics()
+    problems = []
+    for name in re.findall(r"\bkandinsky_[a-z0-9_]+\b", expr):
+        if name not in known:
+            problems.append(f"{name}: not a series the server exports")
+    for name, body in _SELECTOR.findall(expr):
+        if name in known:
+            labels = set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", body))
+            unknown = labels - known[name][1] - TARGET_LABELS
+            if unknown:
+                problems.append(f"{name}: no label(s) {sorted(unknown)}")
+        elif not name.startswith("kandinsky_") and name not in allowed_external | {"label_values"}:
+            problems.append(f"{name}: unknown metric")
+    return problems
+
+
+def test_dashboard_and_alerts_use_only_metrics_and_labels_the_server_defines() -> None:
+    problems = [f"dashboard: {p}" for e in _dashboard_exprs() for p in _metric_problems(e, set())]
+    problems += [f"alert: {p}" for e in _rule_exprs() for p in _metric_problems(e, EXTERNAL_METRICS)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_metric_name_check_catches_a_rename() -> None:
+    assert _metric_problems("sum(rate(kandinsky_request_total[5m]))", set())
+    assert _metric_problems('sum(rate(kandinsky_stage_seconds_sum{phase="x"}[5m]))', set())
+    assert not _metric_problems('sum(rate(kandinsky_stage_seconds_sum{stage="decode"}[5m]))', set())
+
+
+def test_dashboard_covers_every_server_metric_and_the_required_panels() -> None:
+    used = {_server_metrics()[n][0] for e in _dashboard_exprs()
+            for n in re.findall(r"\bkandinsky_[a-z0-9_]+\b", e) if n in _server_metrics()}
+    families = {family for family, _ in _server_metrics().values()}
+    assert used == families, f"metrics without a panel: {sorted(families - used)}"
+    exprs = "\n".join(_dashboard_exprs())
+    for needle in ("histogram_quantile(0.99", "by (stage)", 'code=~"5..', "by (pod, device)"):
+        assert needle in exprs
+    ids = [p["id"] for p in _dashboard()["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_alert_rules_cover_stuck_queue_errors_and_readiness() -> None:
+    rules = {r["alert"]: r for rule in _of_kind("PrometheusRule") for g in rule["spec"]["groups"]
+             for r in g["rules"]}
+    stuck = rules["KandinskyQueueStuck"]["expr"]
+    assert "kandinsky_queue_depth" in stuck and "increase(kandinsky_images_total[10m])" in stuck
+    errors = rules["KandinskyHighErrorRate"]
+    assert 'code=~"5.."' in errors["expr"] and "0.05" in errors["expr"] and errors["for"] == "10m"
+    assert "kube_pod_status_ready" in rules["KandinskyPodNotReady"]["expr"]
+    for rule in rules.values():
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
