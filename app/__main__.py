@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_SETTINGS
 
+    # KServe configures only its own loggers (they do not propagate); ours go to the root handler.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import kserve
     from kserve import model_server
 
