@@ -349,3 +349,19 @@ def test_captured_cuda_step_gives_the_eager_codes():
     for a, b in zip(eager, captured):
         assert torch.equal(a.codes, b.codes)
         torch.testing.assert_close(a.ppl, b.ppl, atol=1e-5, rtol=1e-5)
+
+
+def test_static_position_step_path_gives_the_eager_codes(small_model):
+    # The path CUDA graphs record (position read from a device buffer, masks gathered on the device,
+    # whole caches attended), run eagerly on the CPU by marking every segment as not capturable.
+    reqs = [request(SMALL, seed=6, num_images=3), request(SMALL, seed=7, num_images=2, text_seed=1)]
+    eager = ImageTokenDecoder(small_model, 4, microbatches=2).generate(reqs)
+    static = ImageTokenDecoder(small_model, 4, microbatches=2)
+    static.compile_step = True
+    for seg in static.segments:
+        seg.capturable = False
+    out = static.generate(reqs)
+    assert static.step_graphs == {} and static._static_pos
+    for a, b in zip(eager, out):
+        assert torch.equal(a.codes, b.codes)
+        torch.testing.assert_close(a.ppl, b.ppl, atol=1e-6, rtol=1e-6)
