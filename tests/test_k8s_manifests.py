@@ -132,6 +132,26 @@ def _duration_s(text: str) -> float:
     return total
 
 
+def test_kustomize_build_renders_every_root_with_the_registry_image() -> None:
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: `kubectl kustomize` cannot be checked here")
+    for root in _roots():
+        out = subprocess.run([kubectl, "kustomize", str(root)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"kubectl kustomize {root}: {out.stderr}"
+        docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+        spec_images = re.findall(r"^\s*image: (\S+)$", out.stdout, re.M)
+        new_name = next(i["newName"] for i in _kustomization(root)["images"] if i["name"] == IMAGE_NAME)
+        assert spec_images and all(i == f"{new_name}:{app_pkg.__version__}" for i in spec_images)
+        for doc in docs:
+            assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "kandinsky-serving"
+            if doc["kind"] == "ClusterServingRuntime":
+                assert "namespace" not in doc["metadata"]
+
+
 # ---------------------------------------------------------------------------------------- CRD schemas
 
 

@@ -275,5 +275,10 @@ def test_repository_templates_give_a_complete_download_plan(name: str) -> None:
     path = weights.template_path(name)
     if not path.is_file():
         pytest.fail(f"{path} is missing: `python -m app.weights download {name}` needs it")
+    from app.store import load_manifest
+
+    manifest = load_manifest(path.parent)  # the template is a valid manifest for the layout it names
     plan = weights.download_plan(name, weights.load_template(name))
     assert len(plan) == 7 and len({f.dest for f in plan}) == 7
+    assert plan[0].dest == manifest.dalle_checkpoint.name
+    assert {f.dest for f in plan} == {str(rel) for rel in weights.manifest_files(path.parent)}
