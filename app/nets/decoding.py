@@ -404,6 +404,7 @@ class ImageTokenDecoder:
                 tok = sample_tokens(logits[n], u[step, rs], temperature[rs], top_k[rs], top_p[rs])  # [Bg]
                 if step > 0:
                     # Upstream's ppl: exp(CE) of the raw logits over image tokens 1.., exact zeros excluded.
+                    # Always the logits that sampled the token (upstream's v2 second pass is off by one).
                     ce = F.cross_entropy(logits[n], tok, reduction="none")  # [Bg]
                     nonzero = ce != 0
                     ppl_sum[rs] += torch.where(nonzero, ce.exp(), torch.zeros_like(ce))
