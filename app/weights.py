@@ -214,6 +214,10 @@ class VerifyReport:
         return "\n".join(lines) + "\n"
 
 
+def _ignore(_: object) -> None:
+    return None
+
+
 def _unwrap_lightning(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     state = obj.get("state_dict")
     return state if isinstance(state, Mapping) else obj
@@ -290,13 +294,16 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
 
     expected = expected_tensors(manifest)
     vq_needed = set(vqgan_decode_tensor_names(manifest.vqgan))
-    checks: list[tuple[Path, Callable[[], None]]] = [
+    shapes = "tensors and shapes"
+    checks: list[tuple[Path, str, Callable[[], None]]] = [
         (
             manifest.dalle_checkpoint,
+            shapes,
             _checkpoint_check(manifest.dalle_checkpoint, expected["dalle"], allowed_extra=MASK_BUFFERS),
         ),
         (
             manifest.vqgan_checkpoint,
+            shapes,
             # Lightning checkpoints also hold loss/discriminator tensors; only the model's are checked,
             # and of those only the decode path is required (the encoder is never run).
             _checkpoint_check(
@@ -306,12 +313,14 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
         ),
         (
             manifest.realesrgan_checkpoint,
+            shapes,
             _checkpoint_check(
                 manifest.realesrgan_checkpoint, expected["realesrgan"],
                 unwrap=lambda obj: dict(unwrap_realesrgan_state_dict(obj)),
             ),
         ),
-        (manifest.tokenizer, lambda: None if load_tokenizer(manifest) else None),
+        (manifest.tokenizer, "BPE model within the text vocabulary",
+         lambda: _ignore(load_tokenizer(manifest))),
     ]
     clip_file = manifest.ruclip / "pytorch_model.bin"
     if (manifest.ruclip / "config.json").is_file():
@@ -319,10 +328,10 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
         def clip_check() -> None:
             _checkpoint_check(clip_file, expected_clip_tensors(read_clip_config(manifest.ruclip)))()
 
-        checks.append((clip_file, clip_check))
-    for path, fn in checks:
+        checks.append((clip_file, f"{shapes} (as config.json implies)", clip_check))
+    for path, what, fn in checks:
         if path not in missing_set:
-            _check(report, f"{path}: tensors and shapes", fn)
+            _check(report, f"{path}: {what}", fn)
 
     for rel, want in (sha256 or {}).items():
         path = root / rel
