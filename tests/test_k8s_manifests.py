@@ -156,10 +156,14 @@ def test_kustomize_build_renders_every_root_with_the_registry_image() -> None:
 
 
 def _shared_dir() -> Path | None:
-    candidates = [os.environ.get("KANDINSKY_SHARED_DIR"), REPO.parent / "shared", REPO / "shared"]
-    for c in candidates:
-        if c and (Path(c) / "k8s" / "crds").is_dir():
-            return Path(c)
+    explicit = os.environ.get("KANDINSKY_SHARED_DIR")
+    if explicit:  # set on purpose: a wrong path is an error, not a reason to skip
+        if not (Path(explicit) / "k8s" / "crds").is_dir():
+            pytest.fail(f"KANDINSKY_SHARED_DIR={explicit} has no k8s/crds/")
+        return Path(explicit)
+    for c in (REPO.parent / "shared", REPO / "shared"):
+        if (c / "k8s" / "crds").is_dir():
+            return c
     return None
 
 
