@@ -370,9 +370,16 @@ class _Planner:
         balanced[-1] = budgets[-1]
         for limits in (balanced, budgets):
             layer_devices = self._infer(costs, limits)
-            if layer_devices is not None:
+            if layer_devices is not None and self._within(costs, budgets, layer_devices):
                 return _Attempt(layer_devices, 0)
         return _Attempt(None, max(costs))
+
+    def _within(self, costs: list[int], budgets: list[int], layer_devices: list[str]) -> bool:
+        """Check accelerate's answer against our own budgets (its offload reserve is approximated)."""
+        used = dict.fromkeys(self.names, 0)
+        for d, cost in zip(layer_devices, costs):
+            used[d] += cost
+        return all(used[n] <= b for n, b in zip(self.names, budgets))
 
     def _infer(self, costs: list[int], limits: list[int]) -> list[str] | None:
         layers = self.model.transformer.layers

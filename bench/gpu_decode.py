@@ -26,8 +26,12 @@ from typing import Any
 
 import torch
 
-from app.nets.dalle import DALLE_PRESETS, DalleConfig, DalleModel
-from app.placement import bytes_read_per_step, kv_cache_bytes
+# Runnable as a script (`python bench/gpu_decode.py`) as well as a module: make the repository importable.
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.nets.dalle import DALLE_PRESETS, DalleConfig, DalleModel  # noqa: E402
+from app.placement import bytes_read_per_step, kv_cache_bytes  # noqa: E402
 
 # Peak memory bandwidth in GB/s by device name, most specific first (vendor data sheets).
 BANDWIDTH_GBS: tuple[tuple[str, float], ...] = (

@@ -111,6 +111,15 @@ def test_probe_devices_rejects_a_missing_gpu(monkeypatch: pytest.MonkeyPatch) ->
         probe_devices(["cuda:1"])
 
 
+def test_plan_on_this_host_cpu_keeps_the_tiny_model_in_one_stage() -> None:
+    cfg = DalleConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=384,
+                      image_vocab_size=64)
+    plan = plan_placement(cfg, probe_devices(["cpu"]), torch.float32)
+    assert plan.stages == [("cpu", 0, 3)] and set(plan.device_map.values()) == {"cpu"}
+    assert plan.batch_limit == placement.DEFAULT_BATCH_CAP  # a few MB per image: the cap binds
+    assert plan.reserve_bytes == placement.CPU_RESERVE_BYTES
+
+
 # ------------------------------------------------------------------------------------- KV-cache bytes
 
 
