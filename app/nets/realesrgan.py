@@ -272,6 +272,8 @@ def upscale_batch(
         sr = sr[:, :, lo : lo + keep, lo : lo + keep]  # drop the overlap context
         # float64 * 255 truncated, as upstream's (np_sr_image * 255).astype(np.uint8)
         pix = (sr.double() * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # [b, keep, keep, 3]
+        # Upstream's stich_together counts (padded width + 2*overlap) // tile columns, which misplaces
+        # tiles when 2*overlap >= tile; the true grid is used here (identical for upstream's defaults).
         for (j, r, c), p in zip(corners, pix):
             jobs[j].out[r * keep : (r + 1) * keep, c * keep : (c + 1) * keep] = p
 

@@ -207,13 +207,22 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q = self.q(hn).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
-        k = self.k(hn).reshape(b, c, h * w)  # [B, C, HW]
-        v = self.v(hn).reshape(b, c, h * w)  # [B, C, HW]
-        # Explicit softmax in taming's op order (scores scaled after the product): the 1024x1024
-        # score matrix is small next to the convolutions, and fp32 stays bit-faithful.
-        attn = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # [B, HW query, HW key]
-        out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)  # [B, C, H, W]
+        if hn.dtype in (torch.float16, torch.bfloat16):
+            # Half precision: the fused kernel scales before the product and accumulates in fp32;
+            # taming's unscaled q.k over 512 channels can pass fp16's 65504.
+            def tokens(t: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, 1, HW, C]
+                return t.reshape(b, c, h * w).transpose(1, 2).unsqueeze(1)
+
+            o = F.scaled_dot_product_attention(tokens(self.q(hn)), tokens(self.k(hn)), tokens(self.v(hn)))
+            out = o.squeeze(1).transpose(1, 2).reshape(b, c, h, w)  # [B, C, H, W]
+        else:
+            q = self.q(hn).reshape(b, c, h * w).transpose(1, 2)  # [B, HW, C]
+            k = self.k(hn).reshape(b, c, h * w)  # [B, C, HW]
+            v = self.v(hn).reshape(b, c, h * w)  # [B, C, HW]
+            # Explicit softmax in taming's op order (scores scaled after the product): the 1024x1024
+            # score matrix is small next to the convolutions, and fp32 stays bit-faithful.
+            attn = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)  # [B, HW query, HW key]
+            out = torch.bmm(v, attn.transpose(1, 2)).reshape(b, c, h, w)  # [B, C, H, W]
         return x + self.proj_out(out)
 
 

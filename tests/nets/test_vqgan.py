@@ -173,6 +173,22 @@ def test_attention_block_matches_scaled_dot_product_attention():
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
+def test_half_precision_attention_stays_finite_where_unscaled_scores_overflow_fp16():
+    torch.manual_seed(0)
+    block = AttnBlock(512).eval()
+    with torch.no_grad():
+        block.q.weight.mul_(64)
+        block.k.weight.mul_(64)
+        x = torch.randn(1, 512, 8, 8)
+        h = block.norm(x)
+        scores = block.q(h).flatten(2).transpose(1, 2) @ block.k(h).flatten(2)  # [B, HW, HW], unscaled
+        assert scores.abs().max() > torch.finfo(torch.float16).max  # taming's order would give inf
+        ref = block(x)
+        got = block.half()(x.half())
+    assert torch.isfinite(got).all()
+    assert (got.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
 def test_decoding_in_chunks_gives_the_same_pixels():
     dec = _decoder()
     codes = _codes(TINY, batch=3, side=8)
