@@ -425,6 +425,44 @@ def test_memory_gpu_and_shared_memory_sizing(name: str) -> None:
     assert _quantity(shm[0]["emptyDir"]["sizeLimit"]) < mem / 4  # tmpfs pages count against the limit
 
 
+# Compute capability of the GPUs the InferenceServices select (GPU Feature Discovery product labels).
+GPU_CAPABILITY = {"A100": (8, 0), "H100": (9, 0), "H200": (9, 0), "A10": (8, 6), "L4": (8, 9),
+                  "T4": (7, 5), "V100": (7, 0)}
+
+
+def _torch_runs_on(capability: tuple[int, int]) -> bool:
+    """Whether the installed torch has kernels for it: a cubin for the same major and a minor <= it."""
+    import torch
+
+    flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
+    archs = [int(a) for a in re.findall(r"sm_(\d+)", flags)]
+    if not archs:
+        pytest.skip("this torch build lists no CUDA architectures")
+    return any(a // 10 == capability[0] and a % 10 <= capability[1] for a in archs)
+
+
+def _capability_params() -> list[Any]:
+    params = []
+    for name in _isvc_ids():
+        product = _isvc(name)["spec"]["predictor"].get("nodeSelector", {}).get("nvidia.com/gpu.product", "")
+        gpu = next((g for g in sorted(GPU_CAPABILITY, key=len, reverse=True) if g in product), None)
+        marks = []
+        if gpu == "V100":
+            # torch 2.14.1+cu130 ships sm_75..sm_120 only: CUDA 13 dropped Volta. The V100 layout needs an
+            # image built with a torch that still has sm_70 kernels (see docs/DEPLOY.md).
+            reason = "pinned torch (cu130) has no sm_70 (V100) kernels"
+            marks = [pytest.mark.xfail(strict=True, reason=reason)]
+        params.append(pytest.param(name, gpu, marks=marks, id=name))
+    return params
+
+
+@pytest.mark.parametrize(("name", "gpu"), _capability_params())
+def test_the_image_torch_has_kernels_for_the_selected_gpu(name: str, gpu: str | None) -> None:
+    assert gpu is not None, f"{name}: nodeSelector names no known GPU product"
+    capability = GPU_CAPABILITY[gpu]
+    assert _torch_runs_on(capability), f"{name}: torch has no kernels for {gpu} (compute {capability})"
+
+
 def test_storage_uris_point_at_objects_defined_here() -> None:
     pvcs = {d["metadata"]["name"] for d in _of_kind("PersistentVolumeClaim")}
     accounts = {d["metadata"]["name"]: d for d in _of_kind("ServiceAccount")}
