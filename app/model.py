@@ -105,7 +105,9 @@ class KandinskyModel(kserve.Model):
         """KServe calls this on shutdown: finish or answer what is queued, then stop the worker."""
         self.begin_drain()
         if self.scheduler is not None:
-            self.scheduler.stop(timeout=min(self.settings.request_timeout, 60.0))
+            # A running batch legitimately takes up to the request deadline; a thread left inside torch
+            # at interpreter exit can abort the process instead of exiting 0.
+            self.scheduler.stop(timeout=self.settings.request_timeout)
         super().stop()
 
     async def predict(

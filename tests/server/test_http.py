@@ -36,6 +36,10 @@ PREDICT = f"/v1/models/{NAME}:predict"
 SMALL = {"images_to_gen": 1, "images_to_cherry_pick": 1, "super_res": False}
 
 
+def one(query: str, **params: Any) -> dict[str, Any]:
+    return {"instances": [{"query": query, "params": {**SMALL, **params}}]}
+
+
 class CountingPipeline:
     """The real pipeline, recording the jobs of every run() call and able to fail the next one."""
 
@@ -397,3 +401,18 @@ async def test_readiness_is_503_before_load_and_200_after(pipeline):
     assert after.status_code == 200 and after.json()["ready"] is True
     assert draining.status_code == 503
     assert predict_draining.status_code == 503 and predict_draining.headers["retry-after"]
+
+
+async def test_request_that_cannot_finish_by_the_deadline_is_504(pipeline, scenario):
+    model = KandinskyModel(NAME, ServerSettings(request_timeout=0.2))
+    model.attach(pipeline)
+    app = build_app(model)
+    async with client(app) as c:
+        r = await c.post(PREDICT, json=one("кот"))
+    # The abandoned generation goes on in the worker; let it end so no thread is inside torch at exit.
+    deadline = time.monotonic() + 120
+    while pipeline.running.is_set() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    model.stop()
+    assert r.status_code == 504
+    assert "deadline" in r.json()["error"]
