@@ -61,18 +61,9 @@ def wait_ready(proc: subprocess.Popen, url: str) -> None:
 @pytest.fixture
 def server(tiny_model_dir):
     port = free_port()
-    proc = start_server(
-        [
-            "--model_dir",
-            str(tiny_model_dir),
-            "--http_port",
-            str(port),
-            "--device",
-            "cpu",
-            "--enable_grpc",
-            "false",
-        ]
-    )
+    # gRPC stays on (as in production) on its own free port, so parallel runs never collide on 8081
+    args = ["--model_dir", str(tiny_model_dir), "--device", "cpu"]
+    proc = start_server([*args, "--http_port", str(port), "--grpc_port", str(free_port())])
     # drain the pipe so a chatty server never blocks on a full stdout buffer
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
