@@ -1,4 +1,4 @@
-"""One batch of generation jobs: tokenize -> sample tokens -> VQ-GAN decode -> ruCLIP rank -> upscale -> encode.
+"""One batch of jobs: tokenize -> sample tokens -> VQ-GAN decode -> ruCLIP rank -> upscale -> encode.
 
 The pipeline is synchronous and owns no threads: the scheduler calls `Pipeline.run` from its single GPU
 worker thread with the jobs it merged into one batch. Every stage is a short function that returns a
@@ -210,7 +210,7 @@ class Pipeline:
                     raise
                 self.decoder.max_batch_images = max(1, self.decoder.max_batch_images // 2)
                 torch.cuda.empty_cache()
-                log.warning("CUDA out of memory: retrying with chunks of %d images", self.decoder.max_batch_images)
+                log.warning("CUDA out of memory: retrying in chunks of %d", self.decoder.max_batch_images)
 
     def _decode(self, st: _JobState) -> None:
         t0 = time.perf_counter()
