@@ -127,12 +127,6 @@ class KandinskyModel(kserve.Model):
         jobs = [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
         outcome = await self.scheduler.submit(jobs, timeout=self.settings.request_timeout)
         predictions = [_prediction(result, outcome.queue_seconds) for result in outcome.results]
-        images = sum(job.params.images_to_gen for job in jobs)
-        # Every sampled image has the same token count; the returned codes tell us how many.
-        first = outcome.results[0]
-        per_image_tokens = len(first.codes[0]) if first.codes else 0
-        metrics.IMAGES_TOTAL.inc(images)
-        metrics.IMAGE_TOKENS_TOTAL.inc(images * per_image_tokens)
         if len(predictions) == 1:
             return predictions[0]
         return {"ok": True, "predictions": predictions}

@@ -217,7 +217,7 @@ class Scheduler:
             return
         finally:
             metrics.update_gpu_memory()
-        self._record(results)
+        self._record(results, images)
         offset = 0
         for ticket in batch:
             mine = results[offset : offset + len(ticket.jobs)]
@@ -225,7 +225,12 @@ class Scheduler:
             self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
 
     @staticmethod
-    def _record(results: list[Any]) -> None:
+    def _record(results: list[Any], images: int) -> None:
+        # Counted here, not per answered request: a request that gave up still cost its images.
+        # Every sampled image has the same token count; the returned codes tell how many.
+        per_image_tokens = next((len(r.codes[0]) for r in results if r.codes), 0)
+        metrics.IMAGES_TOTAL.inc(images)
+        metrics.IMAGE_TOKENS_TOTAL.inc(images * per_image_tokens)
         # The token loop serves the whole batch at once (its time is the batch's); later stages run per job.
         generate = max((r.timings.get("generate", 0.0) for r in results), default=0.0)
         batch_timings = {"generate": generate}

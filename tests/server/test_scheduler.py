@@ -67,6 +67,7 @@ class FakePipeline:
                 ppl=[2.0] * j.params.images_to_gen,
                 seed=j.params.seed,
                 timings={"generate": 0.01, "decode": 0.001},
+                codes=[[i] * 16 for i in range(j.params.images_to_gen)],  # 16 tokens per fake image
             )
             for j in jobs
         ]
@@ -266,6 +267,8 @@ async def test_stop_answers_what_it_could_not_finish_in_time(fake, make_schedule
 async def test_queue_depth_and_batch_metrics_follow_the_queue(fake, make_scheduler):
     sched = make_scheduler()
     batches_before = REGISTRY.get_sample_value("kandinsky_batch_images_count") or 0.0
+    images_before = REGISTRY.get_sample_value("kandinsky_images_total") or 0.0
+    tokens_before = REGISTRY.get_sample_value("kandinsky_image_tokens_total") or 0.0
     first = await hold_first_batch(fake, sched)
     b = asyncio.create_task(sched.submit([job("b", 2)], timeout=10))
     await wait_until(lambda: sched.depth == 1)
@@ -275,6 +278,8 @@ async def test_queue_depth_and_batch_metrics_follow_the_queue(fake, make_schedul
     assert REGISTRY.get_sample_value("kandinsky_queue_depth") == 0.0
     assert REGISTRY.get_sample_value("kandinsky_batch_images_count") == batches_before + 2
     assert (REGISTRY.get_sample_value("kandinsky_stage_seconds_count", {"stage": "generate"}) or 0) > 0
+    assert REGISTRY.get_sample_value("kandinsky_images_total") == images_before + 3
+    assert REGISTRY.get_sample_value("kandinsky_image_tokens_total") == tokens_before + 3 * 16
 
 
 def test_queue_size_must_be_positive(fake):
