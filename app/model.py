@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.card import CARD_PATH, build_card
-from app.errors import RETRY_AFTER_S, ShuttingDown, install_exception_handlers
+from app.errors import RETRY_AFTER_S, GenerationFailed, ServiceError, ShuttingDown, install_exception_handlers
 from app.scheduler import Scheduler
 from app.schema import CATALOG_EXAMPLE, TIMING_KEYS, Limits, Prediction, Schema, Timings, build_schema
 
@@ -124,9 +124,16 @@ class KandinskyModel(kserve.Model):
         if self.scheduler is None or self.schema is None:
             raise ModelNotReady(self.name)
         instances = self.schema.parse(payload)
-        jobs = [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
-        outcome = await self.scheduler.submit(jobs, timeout=self.settings.request_timeout)
-        predictions = [_prediction(result, outcome.queue_seconds) for result in outcome.results]
+        try:
+            jobs = [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
+            outcome = await self.scheduler.submit(jobs, timeout=self.settings.request_timeout)
+            predictions = [_prediction(result, outcome.queue_seconds) for result in outcome.results]
+        except ServiceError:
+            raise
+        except Exception as exc:
+            # KServe's catch-all would put the exception text (which may quote the input) in the body.
+            log.exception("predict failed outside the pipeline")
+            raise GenerationFailed(f"internal error ({type(exc).__name__}); retry the request") from None
         if len(predictions) == 1:
             return predictions[0]
         return {"ok": True, "predictions": predictions}
@@ -185,6 +192,9 @@ class ServiceMiddleware:
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            status[0] = status[0] or 500  # answered by Starlette's outermost error middleware
+            raise
         finally:
             if is_predict and status[0]:
                 metrics.REQUESTS_TOTAL.labels(code=str(status[0])).inc()

@@ -160,6 +160,7 @@ class Scheduler:
 
     def _worker(self) -> None:
         while True:
+            batch: list[_Ticket] = []
             try:
                 with self._cond:
                     while not self._queue and not self._stopping:
@@ -170,8 +171,10 @@ class Scheduler:
                     metrics.QUEUE_DEPTH.set(len(self._queue))
                 if batch:
                     self._run_batch(batch)
-            except Exception:  # the worker must never die; a bug here must not stop serving
+            except Exception:  # the worker must never die, and never leave a request unanswered
                 log.exception("scheduler: unexpected error in the worker loop")
+                for ticket in batch:
+                    self._answer(ticket, error=GenerationFailed("internal error in the scheduler; retry"))
 
     def _take_batch_locked(self) -> list[_Ticket]:
         now = time.monotonic()
@@ -217,7 +220,10 @@ class Scheduler:
             return
         finally:
             metrics.update_gpu_memory()
-        self._record(results, images)
+        try:
+            self._record(results, images)
+        except Exception:  # metrics must never cost a request its answer
+            log.exception("scheduler: could not record batch metrics")
         offset = 0
         for ticket in batch:
             mine = results[offset : offset + len(ticket.jobs)]

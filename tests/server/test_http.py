@@ -276,6 +276,20 @@ async def test_injected_failure_answers_500_then_next_request_with_super_res_suc
     assert model.scheduler.alive
 
 
+
+async def test_unexpected_error_in_predict_is_500_without_the_prompt(served, monkeypatch):
+    model, app = served
+
+    async def broken_submit(jobs, *, timeout):
+        raise ValueError(f"cannot handle {jobs[0].query}")
+
+    monkeypatch.setattr(model.scheduler, "submit", broken_submit)
+    async with client(app) as c:
+        r = await c.post(PREDICT, json=one("секретный кот"))
+    assert r.status_code == 500
+    body = r.json()
+    assert body["ok"] is False and "секретный" not in body["error"] and "ValueError" in body["error"]
+
 # ---- cheap requests: validation, limits, routes -----------------------------------------------------
 
 

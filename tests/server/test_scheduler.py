@@ -285,3 +285,28 @@ async def test_queue_depth_and_batch_metrics_follow_the_queue(fake, make_schedul
 def test_queue_size_must_be_positive(fake):
     with pytest.raises(ValueError, match="queue_size"):
         Scheduler(fake, queue_size=0)
+
+
+async def test_bug_in_the_worker_answers_the_batch_and_keeps_serving(fake, make_scheduler):
+    sched = make_scheduler()
+    real_run_batch = sched._run_batch
+    calls = []
+
+    def broken_once(batch):
+        calls.append(batch)
+        if len(calls) == 1:
+            raise KeyError("scheduler bug")
+        real_run_batch(batch)
+
+    sched._run_batch = broken_once
+    with pytest.raises(GenerationFailed):
+        await sched.submit([job("a")], timeout=10)
+    assert (await sched.submit([job("b")], timeout=10)).results[0].images == ["b#0"]
+    assert sched.alive
+
+
+async def test_results_without_metrics_fields_are_still_delivered(fake, make_scheduler):
+    sched = make_scheduler()
+    fake.run = lambda jobs: [object() for _ in jobs]  # no timings/codes: metrics fail, answer must not
+    out = await sched.submit([job("a")], timeout=10)
+    assert len(out.results) == 1
