@@ -253,6 +253,17 @@ def test_metrics_count_requests_images_and_stages(scenario):
     assert 'le="600.0"' in scenario.metrics_text
 
 
+
+async def test_same_seed_gives_the_same_image_alone_as_in_a_shared_batch(served, scenario):
+    _, app = served
+    batched = scenario.responses["multi"].json()["predictions"][0]  # ran together with two other jobs
+    async with client(app) as c:
+        r = await c.post(PREDICT, json=one("Кот", seed=7, format="png"))
+    alone = r.json()
+    assert r.status_code == 200 and alone["seed"] == 7
+    assert alone["images"] == batched["images"]  # PNG is lossless: equal files mean equal pixels
+    assert alone["clip_scores"] == pytest.approx(batched["clip_scores"], abs=1e-5)
+
 # ---- failures ---------------------------------------------------------------------------------------
 
 
