@@ -253,7 +253,6 @@ def test_metrics_count_requests_images_and_stages(scenario):
     assert 'le="600.0"' in scenario.metrics_text
 
 
-
 async def test_same_seed_gives_the_same_image_alone_as_in_a_shared_batch(served, scenario):
     _, app = served
     batched = scenario.responses["multi"].json()["predictions"][0]  # ran together with two other jobs
@@ -263,6 +262,7 @@ async def test_same_seed_gives_the_same_image_alone_as_in_a_shared_batch(served,
     assert r.status_code == 200 and alone["seed"] == 7
     assert alone["images"] == batched["images"]  # PNG is lossless: equal files mean equal pixels
     assert alone["clip_scores"] == pytest.approx(batched["clip_scores"], abs=1e-5)
+
 
 # ---- failures ---------------------------------------------------------------------------------------
 
@@ -287,7 +287,6 @@ async def test_injected_failure_answers_500_then_next_request_with_super_res_suc
     assert model.scheduler.alive
 
 
-
 async def test_unexpected_error_in_predict_is_500_without_the_prompt(served, monkeypatch):
     model, app = served
 
@@ -300,6 +299,7 @@ async def test_unexpected_error_in_predict_is_500_without_the_prompt(served, mon
     assert r.status_code == 500
     body = r.json()
     assert body["ok"] is False and "секретный" not in body["error"] and "ValueError" in body["error"]
+
 
 # ---- cheap requests: validation, limits, routes -----------------------------------------------------
 

@@ -62,8 +62,16 @@ def test_random_seed_is_in_range_and_differs_between_requests():
 
 
 def test_given_values_are_kept_and_floats_accept_ints():
-    params = {"images_to_gen": 3, "images_to_cherry_pick": 1, "top_k": 64, "top_p": 1, "temperature": 10,
-              "seed": SEED_MAX, "format": "webp", "super_res": False}
+    params = {
+        "images_to_gen": 3,
+        "images_to_cherry_pick": 1,
+        "top_k": 64,
+        "top_p": 1,
+        "temperature": 10,
+        "seed": SEED_MAX,
+        "format": "webp",
+        "super_res": False,
+    }
     (inst,) = SCHEMA.parse(one(params))
     assert inst.params.model_dump() == {**params, "top_p": 1.0, "temperature": 10.0}
     assert isinstance(inst.params.top_p, float)
