@@ -24,7 +24,7 @@ from app import placement, store
 from app.nets.clip import ClipRanker
 from app.nets.dalle import DalleModel
 from app.nets.decoding import GenerationOutput, GenerationRequest, ImageTokenDecoder, SamplingParams
-from app.nets.realesrgan import RRDBNet, upscale
+from app.nets.realesrgan import RRDBNet, upscale_batch
 from app.nets.vqgan import VQGANDecoder
 from app.tokenizer import Tokenizer
 
@@ -155,8 +155,10 @@ class Pipeline:
             microbatches=len(plan.stages) if len(plan.stages) > 1 else 1,
             compile_step=on_cuda,
         )
-        vqgan = store.load_vqgan(manifest, main, torch.float32 if not on_cuda else torch_dtype)
-        realesrgan = store.load_realesrgan(manifest, main, torch.float32 if not on_cuda else torch.float16)
+        # The decoders are small next to the transformer: keep them in fp32, as upstream runs them, so
+        # pixels match the reference exactly (bf16 VQ-GAN decoding is off by up to 9 levels).
+        vqgan = store.load_vqgan(manifest, main, torch.float32)
+        realesrgan = store.load_realesrgan(manifest, main, torch.float32)
         clip = store.load_clip(manifest, main, torch.float32)
         tokenizer = store.load_tokenizer(manifest)
         log.info("model %s loaded in %.1f s", manifest.name, time.perf_counter() - t0)
@@ -235,7 +237,7 @@ class Pipeline:
         assert st.pixels is not None and st.ranked is not None
         kept = [st.pixels[i].numpy() for i in st.ranked.order]
         if st.job.params.super_res:
-            kept = [upscale(self.realesrgan, img) for img in kept]
+            kept = upscale_batch(self.realesrgan, kept)  # tiles of all kept images share forward passes
         st.kept = kept
         st.timings["upscale"] = time.perf_counter() - t0
 
