@@ -220,7 +220,10 @@ def test_requests_queued_during_a_generation_share_one_batch(scenario):
 
 def test_health_answers_within_100ms_while_generating(scenario):
     assert scenario.responses["live"].status_code == 200
-    assert max(scenario.health_ms) < 100, scenario.health_ms
+    assert scenario.probed_while_running  # the generation was still going when the probes were done
+    # A blocked event loop would hold every probe for seconds; the median of three keeps one unlucky
+    # OS scheduling hiccup on a shared CI machine from failing the test.
+    assert sorted(scenario.health_ms)[1] < 100, scenario.health_ms
 
 
 def test_readiness_and_metrics_answer_fast_while_generating(scenario):
