@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one pinned install step, shared by the Makefile and the Dockerfile.
-# Usage: scripts/install.sh PYTHON [--dev]
+# Usage: [TORCH_PIN=... TORCHVISION_PIN=...] scripts/install.sh PYTHON [--dev]
+# TORCH_PIN / TORCHVISION_PIN pick the torch build (defaults: torch==2.14.1, torchvision==0.29.1, the
+# CUDA 13.0 build). CUDA 13 dropped Volta, so the V100 image (`make docker-build-volta`) overrides them
+# with the newest pair whose wheels still carry sm_70 kernels (torch 2.10.0+cu128).
 # Order matters:
 #  1. torch and torchvision as a matching pair (the CUDA build; it runs on the CPU too, and unlike the
 #     CPU-only wheel it can load torchvision's operators, which ruclip's preprocessing imports).
@@ -13,7 +16,9 @@ PY="${1:?usage: scripts/install.sh PYTHON [--dev]}"
 DEV="${2:-}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 PIP=("$PY" -m pip install --disable-pip-version-check --no-input)
-"${PIP[@]}" -q "torch==2.14.1" "torchvision==0.29.1"
+TORCH_PIN="${TORCH_PIN:-torch==2.14.1}"
+TORCHVISION_PIN="${TORCHVISION_PIN:-torchvision==0.29.1}"
+"${PIP[@]}" -q "$TORCH_PIN" "$TORCHVISION_PIN"
 "${PIP[@]}" -q "cython<3" wheel
 "${PIP[@]}" -q --no-build-isolation "youtokentome==1.0.6"
 "${PIP[@]}" -q -r "$HERE/requirements.txt"
@@ -21,7 +26,13 @@ PIP=("$PY" -m pip install --disable-pip-version-check --no-input)
 if [ "$DEV" = "--dev" ]; then
   "${PIP[@]}" -q -r "$HERE/requirements-dev.txt"
 fi
-"$PY" - <<'PYCHECK'
+TORCH_PIN="$TORCH_PIN" TORCHVISION_PIN="$TORCHVISION_PIN" "$PY" - <<'PYCHECK'
+import os
 import torch, torchvision, youtokentome, ruclip, kserve, accelerate  # noqa: F401
 import torchvision.ops  # fails on a torch/torchvision mismatch
+# A later requirement must not have moved torch off its pin (the Volta image depends on the old build).
+for mod, pin in ((torch, os.environ["TORCH_PIN"]), (torchvision, os.environ["TORCHVISION_PIN"])):
+    want = pin.partition("==")[2]
+    if want and mod.__version__.split("+")[0] != want:
+        raise SystemExit(f"{mod.__name__} {mod.__version__} installed, but the pin is {pin}")
 PYCHECK
