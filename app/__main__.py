@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -13,7 +12,6 @@ from app.model import KandinskyModel, ServerSettings, configure_app
 log = logging.getLogger("app")
 
 EXIT_BAD_SETTINGS = 2
-_DEVICE_RE = re.compile(r"^cuda:\d+$")
 
 
 class SettingsError(Exception):
@@ -55,23 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_device(spec: str) -> str:
-    spec = spec.strip()
-    if spec in ("auto", "cpu"):
-        return spec
-    parts = [p.strip() for p in spec.split(",")]
-    bad = [p for p in parts if not _DEVICE_RE.match(p)]
-    if bad or not parts:
-        raise SettingsError(f"--device: {spec!r} is not auto, cpu, or a list like cuda:0,cuda:1 (bad: {bad})")
-    if len(set(parts)) != len(parts):
-        raise SettingsError(f"--device: {spec!r} names a device twice")
+    """The --device flag, parsed by the same code that places the model, and checked against this host."""
+    from app.placement import parse_devices
+
+    if spec.strip().lower() == "auto":
+        return "auto"
+    try:
+        names = parse_devices(spec)
+    except ValueError as exc:
+        raise SettingsError(f"--device: {exc}") from None
+    if names == ["cpu"]:
+        return "cpu"
     import torch
 
     count = torch.cuda.device_count()
-    missing = [p for p in parts if int(p.split(":")[1]) >= count]
+    missing = [n for n in names if int(n.split(":")[1]) >= count]
     if missing:
         have = f"this machine has {count} CUDA device(s)"
         raise SettingsError(f"--device: {', '.join(missing)} not present ({have})")
-    return ",".join(parts)
+    return ",".join(names)
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
