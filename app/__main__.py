@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from app.model import KandinskyModel, ServerSettings, configure_app
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # KServe configures only its own loggers (they do not propagate); ours go to the root handler.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # KServe 0.21 still returns ORJSONResponse, which this FastAPI deprecates on every request: log noise.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     import kserve
     from kserve import model_server
 
