@@ -3,6 +3,14 @@
 # torch 2.14.1 (+cu130) is built for. No weights inside: KServe's storage initializer mounts them from
 # storageUri at /mnt/models. Build: `make docker-build` (docker build -t kandinsky-serving:<version> .).
 #
+# Volta (V100) variant: CUDA 13 dropped compute capability 7.0, so torch 2.14.1+cu130 has no sm_70
+# kernels and every CUDA op fails on a V100. `make docker-build-volta` builds the same code with the
+# newest torch whose PyPI wheels still ship sm_70 (2.10.0+cu128) on the CUDA 12.8 runtime:
+#   docker build -t kandinsky-serving-volta:<version> \
+#     --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04 \
+#     --build-arg TORCH_PIN=torch==2.10.0 --build-arg TORCHVISION_PIN=torchvision==0.25.0 .
+# k8s/runtime/kandinsky-runtime-volta.yaml serves that image; only the V100 InferenceService names it.
+#
 # Reproducibility: the base image is pinned by tag (pin it by digest in your registry mirror:
 # nvidia/cuda:13.0.0-runtime-ubuntu22.04@sha256:...), Python packages by scripts/install.sh, the same
 # pinned install step `make install` runs.
@@ -21,7 +29,10 @@ RUN python3.11 -m venv /opt/venv
 WORKDIR /src
 COPY requirements.txt ./requirements.txt
 COPY scripts/install.sh ./scripts/install.sh
-RUN bash scripts/install.sh /opt/venv/bin/python
+# The torch build: the defaults are the CUDA 13.0 pair; the Volta variant overrides both (see the top).
+ARG TORCH_PIN=torch==2.14.1
+ARG TORCHVISION_PIN=torchvision==0.29.1
+RUN TORCH_PIN="${TORCH_PIN}" TORCHVISION_PIN="${TORCHVISION_PIN}" bash scripts/install.sh /opt/venv/bin/python
 
 # ---- runtime stage: the interpreter, the venv and the code; no compilers ----
 FROM ${CUDA_IMAGE} AS runtime

@@ -50,6 +50,14 @@ verify: $(VENV)/.installed
 docker-build:
 	docker build -t $(IMAGE):$(VERSION) .
 
+## docker-build-volta: the V100 image: the newest torch whose wheels still ship sm_70 (CUDA 13 has none)
+.PHONY: docker-build-volta
+docker-build-volta:
+	docker build -t $(IMAGE)-volta:$(VERSION) \
+		--build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu22.04 \
+		--build-arg TORCH_PIN=torch==2.10.0 \
+		--build-arg TORCHVISION_PIN=torchvision==0.25.0 .
+
 bench-decode: $(VENV)/.installed
 	$(PY) bench/decode.py
 bench-load: $(VENV)/.installed
