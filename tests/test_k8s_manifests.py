@@ -24,6 +24,17 @@ import app as app_pkg
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 IMAGE_NAME = "kandinsky-serving"
+VOLTA_IMAGE_NAME = f"{IMAGE_NAME}-volta"  # `make docker-build-volta`: the V100 build, $(IMAGE)-volta
+# The Volta image's torch build, measured rather than assumed (no V100 or Docker here): on 2026-11-21,
+# `pip install torch==2.10.0 torchvision==0.25.0` (the default PyPI manylinux_2_28 x86_64 cp311 wheels)
+# into a fresh venv gave torch.__version__ 2.10.0+cu128, torch.version.cuda "12.8" and
+# torch._C._cuda_getArchFlags() below; the .nv_fatbin sections of libtorch_cuda.so and torchvision's
+# _C.so hold sm_70 cubins. The newer PyPI wheels (2.11.0, 2.12.1, 2.13.0, 2.14.1, 2.15.0) are CUDA 13
+# builds whose arch list starts at sm_75. The Makefile's docker-build-volta must pin exactly this pair (a
+# test checks it): change the pins only together with a new measurement.
+VOLTA_TORCH_PINS = ("torch==2.10.0", "torchvision==0.25.0")
+VOLTA_TORCH_CUDA = "12.8"
+VOLTA_TORCH_ARCH_FLAGS = "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"
 KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 KANDINSKY_CHECKPOINT_BYTES = 23 * 10**9  # SPEC section 2: the published transformer file
 GPU = "nvidia.com/gpu"
@@ -87,7 +98,7 @@ def _roots() -> tuple[Path, ...]:
 
 @cache
 def _objects() -> tuple[tuple[Path, dict[str, Any]], ...]:
-    out = []
+    out: list[tuple[Path, dict[str, Any]]] = []
     for root in _roots():
         for _, path in _walk_kustomization(root):
             if path.suffix in (".yaml", ".yml"):
@@ -144,8 +155,9 @@ def test_kustomize_build_renders_every_root_with_the_registry_image() -> None:
         assert out.returncode == 0, f"kubectl kustomize {root}: {out.stderr}"
         docs = [d for d in yaml.safe_load_all(out.stdout) if d]
         spec_images = re.findall(r"^\s*image: (\S+)$", out.stdout, re.M)
-        new_name = next(i["newName"] for i in _kustomization(root)["images"] if i["name"] == IMAGE_NAME)
-        assert spec_images and all(i == f"{new_name}:{app_pkg.__version__}" for i in spec_images)
+        # Every image is rewritten to the registry, and every `images:` entry is used (the Volta one too).
+        registry = {f"{i['newName']}:{app_pkg.__version__}" for i in _kustomization(root)["images"]}
+        assert spec_images and set(spec_images) == registry, f"{root}: {sorted(set(spec_images))}"
         for doc in docs:
             assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "kandinsky-serving"
             if doc["kind"] == "ClusterServingRuntime":
@@ -430,37 +442,94 @@ GPU_CAPABILITY = {"A100": (8, 0), "H100": (9, 0), "H200": (9, 0), "A10": (8, 6),
                   "T4": (7, 5), "V100": (7, 0)}
 
 
-def _torch_runs_on(capability: tuple[int, int]) -> bool:
-    """Whether the installed torch has kernels for it: a cubin for the same major and a minor <= it."""
+def _installed_torch_arch_flags() -> str:
     import torch
 
     flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or ""
-    archs = [int(a) for a in re.findall(r"sm_(\d+)", flags)]
-    if not archs:
+    if not flags:
         pytest.skip("this torch build lists no CUDA architectures")
+    return str(flags)
+
+
+def _image_arch_flags(image: str) -> str:
+    """The CUDA architectures of the torch inside an image. The default image's torch is the one
+    installed here (test_default_image_pins_the_installed_torch_pair ties them); the Volta image's was
+    measured (VOLTA_TORCH_ARCH_FLAGS, tied to the Makefile's pins)."""
+    repo = image.rpartition(":")[0]
+    if repo == IMAGE_NAME:
+        return _installed_torch_arch_flags()
+    if repo == VOLTA_IMAGE_NAME:
+        return VOLTA_TORCH_ARCH_FLAGS
+    raise AssertionError(f"{image}: no known torch build for this image")
+
+
+def _runs_on(arch_flags: str, capability: tuple[int, int]) -> bool:
+    """Whether a cubin runs on the GPU: the same major and a minor <= the GPU's (no PTX is counted)."""
+    archs = [int(a) for a in re.findall(r"sm_(\d+)", arch_flags)]
     return any(a // 10 == capability[0] and a % 10 <= capability[1] for a in archs)
 
 
-def _capability_params() -> list[Any]:
-    params = []
-    for name in _isvc_ids():
-        product = _isvc(name)["spec"]["predictor"].get("nodeSelector", {}).get("nvidia.com/gpu.product", "")
-        gpu = next((g for g in sorted(GPU_CAPABILITY, key=len, reverse=True) if g in product), None)
-        marks = []
-        if gpu == "V100":
-            # torch 2.14.1+cu130 ships sm_75..sm_120 only: CUDA 13 dropped Volta. The V100 layout needs an
-            # image built with a torch that still has sm_70 kernels (see docs/DEPLOY.md).
-            reason = "pinned torch (cu130) has no sm_70 (V100) kernels"
-            marks = [pytest.mark.xfail(strict=True, reason=reason)]
-        params.append(pytest.param(name, gpu, marks=marks, id=name))
-    return params
+def _selected_gpu(isvc: dict[str, Any]) -> str | None:
+    product = isvc["spec"]["predictor"].get("nodeSelector", {}).get("nvidia.com/gpu.product", "")
+    return next((g for g in sorted(GPU_CAPABILITY, key=len, reverse=True) if g in product), None)
 
 
-@pytest.mark.parametrize(("name", "gpu"), _capability_params())
-def test_the_image_torch_has_kernels_for_the_selected_gpu(name: str, gpu: str | None) -> None:
+@pytest.mark.parametrize("name", _isvc_ids())
+def test_the_image_torch_has_kernels_for_the_selected_gpu(name: str) -> None:
+    isvc = _isvc(name)
+    gpu = _selected_gpu(isvc)
     assert gpu is not None, f"{name}: nodeSelector names no known GPU product"
     capability = GPU_CAPABILITY[gpu]
-    assert _torch_runs_on(capability), f"{name}: torch has no kernels for {gpu} (compute {capability})"
+    runtime = _runtime_for(isvc)
+    image = runtime["spec"]["containers"][0]["image"]
+    assert _runs_on(_image_arch_flags(image), capability), (
+        f"{name}: runtime {runtime['metadata']['name']} ({image}) has no kernels for {gpu} {capability}")
+
+
+def test_kernel_check_knows_cubin_compatibility_and_the_cu130_gap() -> None:
+    cu130 = "sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"
+    assert not _runs_on(cu130, GPU_CAPABILITY["V100"])  # why the Volta image exists
+    assert _runs_on(VOLTA_TORCH_ARCH_FLAGS, GPU_CAPABILITY["V100"])
+    assert _runs_on("sm_80", GPU_CAPABILITY["A10"])  # 8.0 cubins run on 8.6
+    assert not _runs_on("sm_86", GPU_CAPABILITY["A100"])  # but not the other way round
+    with pytest.raises(AssertionError, match="no known torch build"):
+        _image_arch_flags("someone-else/serving:1.0")
+
+
+def _runtimes_by_image(repo: str) -> list[dict[str, Any]]:
+    return [r for r in _of_kind("ClusterServingRuntime")
+            if r["spec"]["containers"][0]["image"].rpartition(":")[0] == repo]
+
+
+def test_volta_runtime_is_the_default_runtime_with_the_volta_image_picked_only_by_name() -> None:
+    (default,), (volta,) = _runtimes_by_image(IMAGE_NAME), _runtimes_by_image(VOLTA_IMAGE_NAME)
+    assert all(f.get("autoSelect") is False for f in volta["spec"]["supportedModelFormats"])
+
+    def normalized(runtime: dict[str, Any]) -> dict[str, Any]:
+        doc = json.loads(json.dumps(runtime))
+        del doc["metadata"]["name"]
+        for c in doc["spec"]["containers"]:
+            c["image"] = c["image"].rpartition(":")[2]  # the tag (version) must still agree
+        for f in doc["spec"]["supportedModelFormats"]:
+            f.pop("autoSelect", None)
+            f.pop("priority", None)
+        return doc
+
+    assert normalized(volta) == normalized(default), "the Volta runtime drifted from kandinsky-runtime"
+    v100 = [n for n in _isvc_ids() if _selected_gpu(_isvc(n)) == "V100"]
+    assert v100 and all(_runtime_for(_isvc(n)) is volta for n in v100)
+
+
+def test_one_runtime_is_auto_selected_per_model_format() -> None:
+    # KServe's ServingRuntime webhook rejects two autoSelect runtimes of equal priority for one format;
+    # an InferenceService that names no runtime must land on the default image.
+    auto: dict[tuple[str, str | None], list[str]] = {}
+    for r in _of_kind("ClusterServingRuntime") + _of_kind("ServingRuntime"):
+        for f in r["spec"]["supportedModelFormats"]:
+            if f.get("autoSelect"):
+                auto.setdefault((f["name"], f.get("version")), []).append(r["spec"]["containers"][0]["image"])
+    assert auto and all(len(images) == 1 for images in auto.values()), auto
+    assert auto[("kandinsky", "1")][0].rpartition(":")[0] == IMAGE_NAME
 
 
 def test_storage_uris_point_at_objects_defined_here() -> None:
@@ -546,6 +615,58 @@ def test_dockerfile_uses_the_pinned_install_step_on_a_cuda_runtime_base() -> Non
     assert "--dev" not in runs[0]
 
 
+def _install_sh_default(var: str) -> str:
+    text = (REPO / "scripts" / "install.sh").read_text(encoding="utf-8")
+    m = re.search(rf'^{var}="\$\{{{var}:-([^}}]+)\}}"$', text, re.M)
+    assert m, f"scripts/install.sh does not default {var}"
+    return m.group(1)
+
+
+def test_default_image_pins_the_installed_torch_pair() -> None:
+    """The default image's torch is the one installed here, so its arch flags stand for the image's."""
+    import torch
+    import torchvision
+
+    instructions = _dockerfile()
+    args = dict(rest.split("=", 1) for w, rest in instructions if w == "ARG" and "=" in rest)
+    install = next(rest for w, rest in instructions if w == "RUN" and "scripts/install.sh" in rest)
+    for var, module in (("TORCH_PIN", torch), ("TORCHVISION_PIN", torchvision)):
+        assert f'{var}="${{{var}}}"' in install, f"the install RUN does not pass {var}"
+        assert args[var] == _install_sh_default(var), f"Dockerfile and install.sh disagree on {var}"
+        assert args[var] == f"{module.__name__}=={module.__version__.split('+')[0]}", (
+            f"{var}={args[var]}, but {module.__name__} {module.__version__} is installed")
+    cuda = torch.version.cuda
+    if cuda:
+        assert re.fullmatch(rf"nvidia/cuda:{re.escape(cuda)}\.\d+-runtime-ubuntu22\.04", args["CUDA_IMAGE"])
+
+
+def _make_recipe(target: str) -> list[str]:
+    text = re.sub(r"\\\n\s*", " ", (REPO / "Makefile").read_text(encoding="utf-8"))
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"{target}:")), None)
+    assert start is not None, f"Makefile has no {target} target"
+    recipe = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        recipe.append(line.strip())
+    return recipe
+
+
+def test_volta_image_build_uses_the_measured_torch_pair_on_its_cuda_runtime() -> None:
+    (command,) = _make_recipe("docker-build-volta")
+    argv = shlex.split(command)
+    assert argv[:2] == ["docker", "build"] and argv[-1] == "."
+    assert argv[argv.index("-t") + 1] == "$(IMAGE)-volta:$(VERSION)"  # IMAGE ?= kandinsky-serving
+    build_args = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--build-arg")
+    assert (build_args["TORCH_PIN"], build_args["TORCHVISION_PIN"]) == VOLTA_TORCH_PINS, (
+        "the Volta pins changed: re-measure torch._C._cuda_getArchFlags() and update VOLTA_TORCH_*")
+    assert re.fullmatch(rf"nvidia/cuda:{re.escape(VOLTA_TORCH_CUDA)}\.\d+-runtime-ubuntu22\.04",
+                        build_args["CUDA_IMAGE"]), build_args["CUDA_IMAGE"]
+    declared = {rest.split("=", 1)[0] for w, rest in _dockerfile() if w == "ARG"}
+    assert set(build_args) <= declared, f"build args the Dockerfile ignores: {set(build_args) - declared}"
+
+
 def _dockerignored(rel: str, patterns: list[str]) -> bool:
     """Docker's rule: the last matching pattern wins; a pattern matching a parent directory applies."""
     parts = rel.split("/")
@@ -577,15 +698,14 @@ def test_dockerignore_keeps_weights_and_local_state_out_but_sends_what_the_build
                 assert (REPO / src).exists(), f"COPY {src}: not in the repository"
 
 
+def _container_images(doc: dict[str, Any]) -> list[str]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec", spec)
+    return [c["image"] for c in pod.get("containers", []) + pod.get("initContainers", []) if "image" in c]
+
+
 def _image_refs() -> list[tuple[str, str]]:
-    refs = []
-    for _, doc in _objects():
-        spec = doc.get("spec", {})
-        pod = spec.get("template", {}).get("spec", spec)
-        for c in pod.get("containers", []) + pod.get("initContainers", []):
-            if "image" in c:
-                refs.append((doc["metadata"]["name"], c["image"]))
-    return refs
+    return [(doc["metadata"]["name"], image) for _, doc in _objects() for image in _container_images(doc)]
 
 
 def test_images_follow_the_makefile_tag_convention() -> None:
@@ -595,12 +715,18 @@ def test_images_follow_the_makefile_tag_convention() -> None:
     assert "docker build -t $(IMAGE):$(VERSION) ." in makefile
     refs = _image_refs()
     assert refs
+    allowed = {f"{IMAGE_NAME}:{version}", f"{VOLTA_IMAGE_NAME}:{version}"}
     for owner, image in refs:
-        assert image == f"{IMAGE_NAME}:{version}", f"{owner}: {image} is not {IMAGE_NAME}:{version}"
+        assert image in allowed, f"{owner}: {image} is not one of {sorted(allowed)}"
     for root in _roots():
-        images = _kustomization(root).get("images", [])
-        entry = next(i for i in images if i["name"] == IMAGE_NAME)
-        assert entry["newTag"] == version, f"{root}/kustomization.yaml: tag {entry['newTag']}, app {version}"
+        used = {image.rpartition(":")[0] for _, path in _walk_kustomization(root) if path.suffix == ".yaml"
+                for doc in _load_yaml(path) for image in _container_images(doc)}
+        images = {i["name"]: i for i in _kustomization(root).get("images", [])}
+        missing = used - set(images)
+        assert used and not missing, f"{root}/kustomization.yaml: no images: entry for {sorted(missing)}"
+        for name in used:
+            tag = images[name]["newTag"]
+            assert tag == version, f"{root}/kustomization.yaml: {name} tag {tag}, app {version}"
 
 
 def test_weights_job_runs_real_weights_tool_commands() -> None:
