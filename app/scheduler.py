@@ -213,10 +213,21 @@ class Scheduler:
         except Exception as exc:
             # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
             log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
+            _release_cuda_cache()
+            if len(batch) > 1:
+                # One request's fault must not cost the others their answer: run each one alone, so
+                # only the request that fails by itself is answered 500. Same seeds, same images.
+                for ticket in batch:
+                    if ticket.abandoned:
+                        continue
+                    if ticket.deadline <= time.monotonic():
+                        self._answer(ticket, error=DeadlineExceeded("the request expired while retried"))
+                        continue
+                    self._run_batch([ticket])
+                return
             message = _failure_message(exc, images)
             for ticket in batch:
                 self._answer(ticket, error=GenerationFailed(message))
-            _release_cuda_cache()
             return
         finally:
             metrics.update_gpu_memory()

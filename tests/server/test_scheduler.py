@@ -215,6 +215,31 @@ async def test_failed_batch_answers_its_requests_500_and_next_request_succeeds(f
     assert sched.alive
 
 
+async def test_one_failing_request_in_a_shared_batch_does_not_fail_the_others(fake, make_scheduler):
+    sched = make_scheduler()
+    first = await hold_first_batch(fake, sched)
+    real_run = fake.run
+
+    def run_failing_on_poison(jobs):  # type: ignore[no-untyped-def]
+        if any(j.query == "poison" for j in jobs):
+            real_run(jobs)  # records the call
+            raise RuntimeError("a fault that only this request triggers")
+        return real_run(jobs)
+
+    fake.run = run_failing_on_poison  # type: ignore[method-assign]
+    good = asyncio.create_task(sched.submit([job("good", 2)], timeout=10))
+    bad = asyncio.create_task(sched.submit([job("poison")], timeout=10))
+    await wait_until(lambda: sched.depth == 2)
+    fake.gate.set()
+    await first
+    assert (await good).results[0].images == ["good#0", "good#1"]
+    with pytest.raises(GenerationFailed):
+        await bad
+    # The shared batch failed, then each request ran alone: only the faulty one was answered 500.
+    assert fake.calls[1:] == [["good", "poison"], ["good"], ["poison"]]
+    assert sched.alive
+
+
 async def test_out_of_memory_failure_says_so(fake, make_scheduler):
     sched = make_scheduler()
     fake.fail_next = OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
