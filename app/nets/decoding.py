@@ -195,6 +195,8 @@ class ImageTokenDecoder:
 
     #: ``on_step`` is called at most once per this many decode steps (and after the last one).
     progress_every = 32
+    #: Captured step graphs kept at most (micro-batches x segments x distinct chunk sizes).
+    max_graphs = 64
 
     def __init__(self, model: DalleModel, max_batch_images: int, *, windowed: bool = True,
                  microbatches: int = 1, compile_step: bool = False) -> None:
@@ -511,6 +513,11 @@ class ImageTokenDecoder:
         key = (g.r0, g.r1, n)
         graph = self.step_graphs.get(key)
         if graph is None:
+            if len(self.step_graphs) >= self.max_graphs:
+                # Every distinct chunk size records its own graphs, each holding a private memory pool:
+                # start over rather than let a long-running server accumulate one per batch size seen.
+                log.info("decode step: %d captured graphs, releasing them", len(self.step_graphs))
+                self.step_graphs.clear()
             seg = self.segments[n]
             log.info("capturing the decode step: rows %d..%d, segment %d on %s", g.r0, g.r1, n, seg.device)
             graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x)
