@@ -467,7 +467,21 @@ class ImageTokenDecoder:
                 buf.copy_(self._position_table(dev)[pos : pos + 1])
             for n, seg in enumerate(self.segments):
                 x = _to(x, seg.device)
-                x = self._captured(g, n, x)(x) if seg.capturable else self._segment(g, seg, x, None)
+                if not seg.capturable:
+                    x = self._segment(g, seg, x, None)
+                    continue
+                try:
+                    graph = self._captured(g, n, x)
+                except Exception:
+                    # A capture that fails (driver, allocator, an op that cannot be captured) must cost
+                    # speed, not requests: finish this step and every later one eagerly.
+                    log.exception("decode step capture failed; continuing without CUDA graphs")
+                    self.compile_step = False
+                    self.step_graphs.clear()
+                    for rest in self.segments[n:]:
+                        x = self._segment(g, rest, _to(x, rest.device), pos)
+                    return x
+                x = graph(x)
             return x
         for seg in self.segments:
             x = self._segment(g, seg, _to(x, seg.device), pos)

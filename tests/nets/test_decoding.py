@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -392,3 +393,24 @@ def test_static_position_step_path_gives_the_eager_codes(small_model):
     for a, b in zip(eager, out):
         assert torch.equal(a.codes, b.codes)
         torch.testing.assert_close(a.ppl, b.ppl, atol=1e-6, rtol=1e-6)
+
+
+def test_failed_step_capture_falls_back_to_eager_with_the_same_codes(small_model, monkeypatch, caplog):
+    # Capture only exists on CUDA; here it is forced on and made to fail, as a driver or an
+    # uncapturable op would: the request must still get its images, and later steps run eagerly.
+    reqs = [request(SMALL, seed=8, num_images=2)]
+    eager = ImageTokenDecoder(small_model, 4).generate(reqs)
+
+    class FailingCapture:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decoding, "_CapturedSegment", FailingCapture)
+    dec = ImageTokenDecoder(small_model, 4)
+    dec.compile_step = True
+    with caplog.at_level(logging.ERROR, logger="app.nets.decoding"):
+        out = dec.generate(reqs)
+    assert not dec.compile_step and dec.step_graphs == {}
+    assert "capture failed" in caplog.text
+    assert torch.equal(out[0].codes, eager[0].codes)
+    torch.testing.assert_close(out[0].ppl, eager[0].ppl, atol=1e-6, rtol=1e-6)
