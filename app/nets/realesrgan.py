@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.nets.checks import positive_int
+
 __all__ = [
     "RRDBNet",
     "RealESRGANConfig",
@@ -33,12 +35,6 @@ _SUPPORTED_SCALES = (1, 2, 4, 8)
 _UNSHUFFLE = {1: 4, 2: 2, 4: 1, 8: 1}
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class RealESRGANConfig:
     """RRDBNet hyper-parameters (the model.json ``realesrgan`` block without ``checkpoint``)."""
@@ -52,7 +48,7 @@ class RealESRGANConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_feat", "num_block", "num_grow_ch", "num_in_ch", "num_out_ch"):
-            _positive_int(getattr(self, name), f"realesrgan.{name}")
+            positive_int(getattr(self, name), f"realesrgan.{name}")
         if self.scale not in _SUPPORTED_SCALES:
             raise ValueError(f"realesrgan.scale must be one of {_SUPPORTED_SCALES}, got {self.scale!r}")
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.nets.checks import positive_int
+
 __all__ = [
     "DDConfig",
     "VQGANConfig",
@@ -36,16 +38,10 @@ def _require(block: Mapping[str, Any], key: str, where: str) -> Any:
     return block[key]
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
     if not isinstance(value, list | tuple) or not value:
         raise ValueError(f"{name} must be a non-empty list of positive integers, got {value!r}")
-    return tuple(_positive_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return tuple(positive_int(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ class DDConfig:
 
     def __post_init__(self) -> None:
         for name in ("z_channels", "resolution", "in_channels", "out_ch", "ch", "num_res_blocks"):
-            _positive_int(getattr(self, name), f"vqgan.ddconfig.{name}")
+            positive_int(getattr(self, name), f"vqgan.ddconfig.{name}")
         object.__setattr__(self, "ch_mult", _int_tuple(self.ch_mult, "vqgan.ddconfig.ch_mult"))
         object.__setattr__(
             self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions)
@@ -106,7 +102,7 @@ class DDConfig:
 def _int_tuple_or_empty(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list | tuple):
         raise ValueError(f"vqgan.ddconfig.attn_resolutions must be a list, got {value!r}")
-    return tuple(_positive_int(v, f"vqgan.ddconfig.attn_resolutions[{i}]") for i, v in enumerate(value))
+    return tuple(positive_int(v, f"vqgan.ddconfig.attn_resolutions[{i}]") for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -118,8 +114,8 @@ class VQGANConfig:
     ddconfig: DDConfig
 
     def __post_init__(self) -> None:
-        _positive_int(self.embed_dim, "vqgan.embed_dim")
-        _positive_int(self.n_embed, "vqgan.n_embed")
+        positive_int(self.embed_dim, "vqgan.embed_dim")
+        positive_int(self.n_embed, "vqgan.n_embed")
 
     @classmethod
     def from_manifest(cls, block: Mapping[str, Any]) -> VQGANConfig:
