@@ -14,7 +14,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +29,11 @@ class BatchRunner(Protocol):
 
     max_batch_images: int
 
-    def run(self, jobs: Sequence[Any]) -> list[Any]: ...
+    def run(self, jobs: Sequence[Any], on_step: Callable[[int], None] | None = None) -> list[Any]: ...
+
+
+class BatchCancelled(Exception):
+    """Raised from the progress callback to stop a batch whose every requester has given up."""
 
 
 @dataclass
@@ -206,13 +210,14 @@ class Scheduler:
         metrics.BATCH_IMAGES.observe(images)
         self.batches_run += 1
         log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
-        try:
-            results = self.pipeline.run(jobs)
-            if len(results) != len(jobs):
-                raise RuntimeError(f"pipeline returned {len(results)} results for {len(jobs)} jobs")
-        except Exception as exc:
-            # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
-            log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
+        outcome = self._run_pipeline(batch, jobs)
+        metrics.update_gpu_memory()
+        if isinstance(outcome, BatchCancelled):
+            log.info("batch of %d image(s) stopped: every requester had given up", images)
+            return  # each requester was already answered by its own deadline or disconnect
+        if isinstance(outcome, str):
+            # The failed run's frames (and the GPU memory they held) are gone by now, so the cache can
+            # really be released before anything runs again.
             _release_cuda_cache()
             if len(batch) > 1:
                 # One request's fault must not cost the others their answer: run each one alone, so
@@ -225,12 +230,10 @@ class Scheduler:
                         continue
                     self._run_batch([ticket])
                 return
-            message = _failure_message(exc, images)
             for ticket in batch:
-                self._answer(ticket, error=GenerationFailed(message))
+                self._answer(ticket, error=GenerationFailed(outcome))
             return
-        finally:
-            metrics.update_gpu_memory()
+        results = outcome
         try:
             self._record(results, images)
         except Exception:  # metrics must never cost a request its answer
@@ -240,6 +243,30 @@ class Scheduler:
             mine = results[offset : offset + len(ticket.jobs)]
             offset += len(ticket.jobs)
             self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
+
+    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any]) -> list[Any] | str | BatchCancelled:
+        """Run the batch: its results, or the client-facing failure message, or the cancellation.
+
+        Returning instead of handling the failure inside `except` lets the failed run's frames, and
+        the tensors they hold, be freed before the caller retries anything.
+        """
+
+        def stop_if_nobody_waits(step: int) -> None:
+            if all(ticket.abandoned for ticket in batch):
+                raise BatchCancelled(f"cancelled at decode step {step}")
+
+        try:
+            results = self.pipeline.run(jobs, on_step=stop_if_nobody_waits)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"pipeline returned {len(results)} results for {len(jobs)} jobs")
+        except BatchCancelled as exc:
+            return exc
+        except Exception as exc:
+            # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
+            images = sum(t.images for t in batch)
+            log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
+            return _failure_message(exc, images)
+        return results
 
     @staticmethod
     def _record(results: list[Any], images: int) -> None:

@@ -55,14 +55,14 @@ class CountingPipeline:
     def describe(self) -> dict[str, Any]:
         return self.real.describe()
 
-    def run(self, jobs):
+    def run(self, jobs, on_step=None):
         self.calls.append([j.query for j in jobs])
         self.running.set()
         try:
             if self.fail_next:
                 self.fail_next = False
                 raise RuntimeError("injected failure for кот-secret")
-            return self.real.run(jobs)
+            return self.real.run(jobs, on_step=on_step)
         finally:
             self.running.clear()
 

@@ -52,11 +52,20 @@ class FakePipeline:
         self.gate.set()
         self.started = threading.Event()
         self.fail_next: BaseException | None = None
+        self.steps = 0
+        self.steps_done: list[tuple[str, int]] = []
+        self.on_each_step = None
 
-    def run(self, jobs: list[FakeJob]) -> list[FakeResult]:
+    def run(self, jobs: list[FakeJob], on_step=None) -> list[FakeResult]:  # type: ignore[no-untyped-def]
         self.calls.append([j.query for j in jobs])
         self.started.set()
         assert self.gate.wait(10), "test left the gate closed"
+        for step in range(self.steps):  # the decode loop's progress calls
+            if self.on_each_step is not None:
+                self.on_each_step(jobs, step)
+            if on_step is not None:
+                on_step(step)
+            self.steps_done.append((jobs[0].query, step))
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
@@ -220,7 +229,7 @@ async def test_one_failing_request_in_a_shared_batch_does_not_fail_the_others(fa
     first = await hold_first_batch(fake, sched)
     real_run = fake.run
 
-    def run_failing_on_poison(jobs):  # type: ignore[no-untyped-def]
+    def run_failing_on_poison(jobs, on_step=None):  # type: ignore[no-untyped-def]
         if any(j.query == "poison" for j in jobs):
             real_run(jobs)  # records the call
             raise RuntimeError("a fault that only this request triggers")
@@ -240,6 +249,55 @@ async def test_one_failing_request_in_a_shared_batch_does_not_fail_the_others(fa
     assert sched.alive
 
 
+def disconnect_at_step(fake: FakePipeline, task: asyncio.Task, query: str, at: int = 0) -> None:
+    """While the batch holding `query` runs, the client of `task` goes away before step `at` finishes."""
+    loop = asyncio.get_running_loop()
+    gone = threading.Event()
+    task.add_done_callback(lambda _: gone.set())
+
+    def hook(jobs, step):  # type: ignore[no-untyped-def]  # runs on the worker thread
+        if step == at and any(j.query == query for j in jobs):
+            loop.call_soon_threadsafe(task.cancel)
+            assert gone.wait(5)
+
+    fake.on_each_step = hook
+
+
+async def test_batch_stops_at_the_next_step_once_every_requester_gave_up(fake, make_scheduler):
+    sched = make_scheduler()
+    fake.steps = 3
+    first = await hold_first_batch(fake, sched)
+    slow = asyncio.create_task(sched.submit([job("slow")], timeout=10))
+    await wait_until(lambda: sched.depth == 1)
+    disconnect_at_step(fake, slow, "slow")
+    fake.gate.set()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await slow
+    ok = await sched.submit([job("next")], timeout=10)  # the worker is free and serves the next one
+    assert ok.results[0].images == ["next#0"]
+    # "slow" stopped at its first progress call after the client left; "next" ran every step.
+    assert [q for q, _ in fake.steps_done].count("slow") == 0
+    assert [s for q, s in fake.steps_done if q == "next"] == [0, 1, 2]
+    assert sched.alive
+
+
+async def test_batch_with_one_requester_still_waiting_is_not_cancelled(fake, make_scheduler):
+    sched = make_scheduler()
+    fake.steps = 3
+    first = await hold_first_batch(fake, sched)
+    patient = asyncio.create_task(sched.submit([job("patient")], timeout=10))
+    hasty = asyncio.create_task(sched.submit([job("hasty")], timeout=10))
+    await wait_until(lambda: sched.depth == 2)
+    disconnect_at_step(fake, hasty, "hasty")
+    fake.gate.set()
+    await first
+    assert (await patient).results[0].images == ["patient#0"]
+    with pytest.raises(asyncio.CancelledError):
+        await hasty
+    assert [s for q, s in fake.steps_done if q == "patient"] == [0, 1, 2]
+
+
 async def test_out_of_memory_failure_says_so(fake, make_scheduler):
     sched = make_scheduler()
     fake.fail_next = OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
@@ -252,7 +310,7 @@ async def test_out_of_memory_failure_says_so(fake, make_scheduler):
 async def test_pipeline_returning_too_few_results_fails_the_batch_not_the_worker(fake, make_scheduler):
     sched = make_scheduler()
     real_run = fake.run
-    fake.run = lambda jobs: real_run(jobs)[:-1]  # type: ignore[method-assign]
+    fake.run = lambda jobs, on_step=None: real_run(jobs)[:-1]  # type: ignore[method-assign]
     with pytest.raises(GenerationFailed):
         await sched.submit([job("a"), job("b")], timeout=10)
     fake.run = real_run  # type: ignore[method-assign]
@@ -332,6 +390,7 @@ async def test_bug_in_the_worker_answers_the_batch_and_keeps_serving(fake, make_
 
 async def test_results_without_metrics_fields_are_still_delivered(fake, make_scheduler):
     sched = make_scheduler()
-    fake.run = lambda jobs: [object() for _ in jobs]  # no timings/codes: metrics fail, answer must not
+    # No timings or codes: recording metrics fails, delivering the answer must not.
+    fake.run = lambda jobs, on_step=None: [object() for _ in jobs]
     out = await sched.submit([job("a")], timeout=10)
     assert len(out.results) == 1
