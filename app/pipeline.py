@@ -201,18 +201,23 @@ class Pipeline:
         self, requests: list[GenerationRequest], on_step: Callable[[int], None] | None
     ) -> list[GenerationOutput]:
         # Per-row random streams make the codes independent of how rows are chunked, so halving the
-        # chunk size after an out-of-memory retries the same work with the same result.
+        # chunk size after an out-of-memory retries the same work with the same result. The halving
+        # holds for this batch only: one transient OOM must not shrink every later batch.
         limit = self.decoder.max_batch_images
-        while True:
-            try:
-                return self.decoder.generate(requests, on_step=on_step)
-            except torch.cuda.OutOfMemoryError:
-                if self.decoder.max_batch_images <= 1:
-                    self.decoder.max_batch_images = limit
-                    raise
+        try:
+            while True:
+                try:
+                    return self.decoder.generate(requests, on_step=on_step)
+                except torch.cuda.OutOfMemoryError:
+                    if self.decoder.max_batch_images <= 1:
+                        raise
+                # Outside the except block the failed attempt's frames are gone, so its memory frees.
                 self.decoder.max_batch_images = max(1, self.decoder.max_batch_images // 2)
+                self.decoder.release_caches()  # the next try allocates caches for the smaller chunks
                 torch.cuda.empty_cache()
                 log.warning("CUDA out of memory: retrying in chunks of %d", self.decoder.max_batch_images)
+        finally:
+            self.decoder.max_batch_images = limit
 
     def _decode(self, st: _JobState) -> None:
         t0 = time.perf_counter()

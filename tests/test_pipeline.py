@@ -83,13 +83,11 @@ def test_out_of_memory_splits_the_batch_and_retries_with_the_same_result(
     monkeypatch.setattr(pipeline.decoder, "generate", generate_or_oom)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     limit = pipeline.decoder.max_batch_images
-    try:
-        (retried,) = pipeline.run([job])
-    finally:
-        pipeline.decoder.max_batch_images = limit
+    (retried,) = pipeline.run([job])
 
     assert chunk_sizes[0] == limit and chunk_sizes[-1] == 1
     assert retried.codes == expected.codes
+    assert pipeline.decoder.max_batch_images == limit  # the halving held for that batch only
 
 
 def test_out_of_memory_at_one_image_is_raised(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:

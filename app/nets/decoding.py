@@ -163,7 +163,7 @@ class _CapturedSegment:
         self.graph = torch.cuda.CUDAGraph()
         # A private memory pool per graph: micro-batch graphs replay interleaved with reads of each
         # other's outputs, so a shared pool could hand one graph's scratch space to another's output.
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):
             self.static_out = fn(self.static_in)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,15 +309,24 @@ class ImageTokenDecoder:
         if self._cache_rows >= rows:
             return
         cfg = self.cfg
-        self._caches = []
-        self.step_graphs.clear()  # graphs hold the old cache addresses
+        # Drop the old caches first (their memory is needed) and mark them gone, so an allocation
+        # that runs out of memory halfway leaves a decoder that reallocates next time, not a torn one.
+        self.release_caches()
+        caches = []
         for lp, layer in zip(self.layers, self.blocks):
             dtype = layer.attention.query_key_value.weight.dtype
             shape = (rows, cfg.num_attention_heads, lp.cache_len, cfg.head_dim)  # [B, nh, S_cache, hd]
             # Zeros, not empty: masked slots still enter the attention product, and 0 * NaN is NaN.
-            self._caches.append((torch.zeros(shape, dtype=dtype, device=lp.device),
-                                 torch.zeros(shape, dtype=dtype, device=lp.device)))
+            caches.append((torch.zeros(shape, dtype=dtype, device=lp.device),
+                           torch.zeros(shape, dtype=dtype, device=lp.device)))
+        self._caches = caches
         self._cache_rows = rows
+
+    def release_caches(self) -> None:
+        """Free the KV caches and the captured graphs that point into them; the next call reallocates."""
+        self.step_graphs.clear()  # graphs hold the cache addresses
+        self._caches = []
+        self._cache_rows = 0
 
     # ----------------------------------------------------------------------------------- validation
 
@@ -472,6 +481,8 @@ class ImageTokenDecoder:
                     continue
                 try:
                     graph = self._captured(g, n, x)
+                except torch.cuda.OutOfMemoryError:
+                    raise  # the caller splits the batch and retries; capture itself is not at fault
                 except Exception:
                     # A capture that fails (driver, allocator, an op that cannot be captured) must cost
                     # speed, not requests: finish this step and every later one eagerly.
@@ -534,6 +545,9 @@ class ImageTokenDecoder:
                 self.step_graphs.clear()
             seg = self.segments[n]
             log.info("capturing the decode step: rows %d..%d, segment %d on %s", g.r0, g.r1, n, seg.device)
-            graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x)
+            # Capture on the segment's own GPU: torch's default capture stream belongs to the current
+            # device, which for the later stages of a multi-GPU split is another one.
+            with torch.cuda.device(seg.device):
+                graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x)
             self.step_graphs[key] = graph
         return graph

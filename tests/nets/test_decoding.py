@@ -405,3 +405,26 @@ def test_failed_step_capture_falls_back_to_eager_with_the_same_codes(small_model
     assert "capture failed" in caplog.text
     assert torch.equal(out[0].codes, eager[0].codes)
     torch.testing.assert_close(out[0].ppl, eager[0].ppl, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_allocation_that_runs_out_of_memory_leaves_a_usable_decoder(small_model, monkeypatch):
+    # Growing the caches for a bigger batch is where an OOM is likeliest; a failure halfway must not
+    # leave some layers without a cache for every later, smaller request.
+    dec = ImageTokenDecoder(small_model, 8)
+    small = [request(SMALL, seed=3, num_images=2)]
+    before = dec.generate(small)[0]
+    real_zeros = torch.zeros
+    calls = {"n": 0}
+
+    def zeros_failing_on_the_third(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros_failing_on_the_third)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        dec.generate([request(SMALL, seed=4, num_images=8)])
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    after = dec.generate(small)[0]
+    assert torch.equal(after.codes, before.codes)
