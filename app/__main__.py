@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max_batch_images", type=int, default=0, help="Images per merged batch; 0 derives it from memory."
     )
-    parser.add_argument("--max_images_per_request", type=int, default=16, help="Upper bound of images_to_gen")
+    parser.add_argument(
+        "--max_images_per_request", type=int, default=16, help="Images per request, all instances."
+    )
     parser.add_argument("--queue_size", type=int, default=32, help="Requests that may wait; beyond: 503.")
     parser.add_argument(
         "--request_timeout", type=float, default=600.0, help="Server deadline per request in seconds (504)."

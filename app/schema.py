@@ -284,7 +284,24 @@ def build_schema(limits: Limits) -> Schema:
         model_config = ConfigDict(
             strict=True, extra="forbid", json_schema_extra={"examples": [CATALOG_EXAMPLE]}
         )
-        instances: list[Instance] = Field(min_length=1, max_length=MAX_INSTANCES)
+        instances: list[Instance] = Field(
+            min_length=1,
+            max_length=MAX_INSTANCES,
+            description=f"1..{MAX_INSTANCES} instances asking for at most {max_images} images in all.",
+        )
+
+        @model_validator(mode="after")
+        def _images_in_all(self) -> PredictRequest:
+            # The server limit bounds a request, not an instance: sixteen instances of sixteen images
+            # would hold the one GPU worker for sixteen batches.
+            total = sum(inst.params.images_to_gen for inst in self.instances)
+            if total > max_images:
+                raise PydanticCustomError(
+                    "too_many_images",
+                    "asks for {total} images in all (sum of images_to_gen); must be <= {max} (server limit)",
+                    {"field": "instances", "total": total, "max": max_images},
+                )
+            return self
 
     allowed = {
         "images_to_gen": f"integer 1..{max_images}",
@@ -296,7 +313,10 @@ def build_schema(limits: Limits) -> Schema:
         "seed": f"integer 0..{SEED_MAX}",
         "format": ", ".join(FORMATS),
         "query": f"string, non-empty after stripping, at most {MAX_QUERY_CHARS} characters",
-        "instances": f"a list of 1..{MAX_INSTANCES} objects with `query` and optional `params`",
+        "instances": (
+            f"a list of 1..{MAX_INSTANCES} objects with `query` and optional `params`, "
+            f"asking for at most {max_images} images in all"
+        ),
         "params": "an object",
     }
     reasons = {"images_to_gen": "server limit", "top_k": "image vocabulary size"}

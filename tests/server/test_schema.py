@@ -97,6 +97,15 @@ def test_several_instances_keep_their_order():
     assert (a.query, b.query, b.params.seed) == ("a", "b", 5)
 
 
+def test_server_limit_bounds_the_images_of_the_whole_request():
+    # Two default instances (8 + 8) fit the limit of 16; a third one does not.
+    assert len(SCHEMA.parse({"instances": [{"query": "a"}, {"query": "b"}]})) == 2
+    third = {"query": "c", "params": {"images_to_gen": 1}}
+    message = error_of({"instances": [{"query": "a"}, {"query": "b"}, third]})
+    assert message.startswith("instances: asks for 17 images in all")
+    assert "server limit" in message and "16" in message
+
+
 @pytest.mark.parametrize(
     ("params", "field", "needle"),
     [
