@@ -8,6 +8,7 @@ arrives (KServe and uvicorn only stop once in-flight connections are done).
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kserve
+import orjson
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
@@ -27,7 +29,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.card import CARD_PATH, build_card
-from app.errors import RETRY_AFTER_S, GenerationFailed, ServiceError, ShuttingDown, install_exception_handlers
+from app.errors import (
+    RETRY_AFTER_S,
+    GenerationFailed,
+    RequestInvalid,
+    ServiceError,
+    ShuttingDown,
+    install_exception_handlers,
+)
 from app.scheduler import Scheduler
 from app.schema import CATALOG_EXAMPLE, TIMING_KEYS, Limits, Prediction, Schema, Timings, build_schema
 
@@ -162,9 +171,14 @@ def _prediction(result: Any, queue_seconds: float) -> dict[str, Any]:
 class ServiceMiddleware:
     """Body-size limit (413), `Retry-After` on 503, and predict request metrics, as plain ASGI."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, explain_body: Callable[[bytes], str | None] | None = None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # For predict bodies KServe's strict JSON parser rejects without naming a field (NaN, Infinity,
+        # 1e999, integers beyond 64 bits): the message that names the field, if one can be given.
+        self.explain_body = explain_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,6 +203,10 @@ class ServiceMiddleware:
                 body = await self._read_limited(scope, receive)
                 if body is None:
                     await self._too_large(send_wrapper)
+                    return
+                problem = self.explain_body(body) if is_predict and self.explain_body else None
+                if problem is not None:
+                    await _error(send_wrapper, 400, problem)
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_wrapper)
@@ -222,11 +240,36 @@ class ServiceMiddleware:
         return bytes(body)
 
     async def _too_large(self, send: Send) -> None:
-        response = JSONResponse(
-            status_code=413,
-            content={"error": f"request body exceeds the limit of {self.max_body_bytes} bytes"},
-        )
-        await response({"type": "http"}, _no_receive, send)
+        await _error(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    response = JSONResponse(status_code=status, content={"error": message})
+    await response({"type": "http"}, _no_receive, send)
+
+
+def explain_non_strict_json(model: KandinskyModel, body: bytes) -> str | None:
+    """The schema's field-naming message for a body only a lenient JSON parser reads, else None.
+
+    KServe parses bodies with orjson, which refuses NaN, Infinity and numbers it cannot hold and says
+    only where in the text; Python's parser reads them, and the schema then names the field and range.
+    """
+    try:
+        orjson.loads(body)
+        return None  # KServe reads it: the normal path validates it
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # not JSON at all: KServe's own 400 says so
+    if model.schema is None:
+        return None
+    try:
+        model.schema.parse(payload)
+    except RequestInvalid as exc:
+        return exc.message
+    return None
 
 
 async def _no_receive() -> Message:
@@ -251,7 +294,11 @@ def configure_app(app: FastAPI, model: KandinskyModel) -> None:
 
     Call it before KServe's REST server starts: it builds the middleware stack on the first request.
     """
-    app.add_middleware(ServiceMiddleware, max_body_bytes=model.settings.max_body_bytes)
+    app.add_middleware(
+        ServiceMiddleware,
+        max_body_bytes=model.settings.max_body_bytes,
+        explain_body=lambda body: explain_non_strict_json(model, body),
+    )
     install_exception_handlers(app)
 
     async def model_card(model_name: str) -> dict[str, Any]:
