@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp16 before compute capability 8 (V100), bf16 from 8 on, fp32 on the CPU.",
+        help="auto: fp16 on CUDA (as ruDALL-E runs the weights), fp32 on the CPU; bf16 needs Ampere+.",
     )
     parser.add_argument(
         "--max_batch_images", type=int, default=0, help="Images per merged batch; 0 derives it from memory."

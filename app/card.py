@@ -15,7 +15,7 @@ CARD_PATH = "/v1/models/{model_name}/card"
 # Rough serving needs per transformer size, for the catalog's capacity planning.
 _HARDWARE = {
     "large": {
-        "gpu": "3x V100 32 GB (fp16) or 1x A100/H100 80 GB (bf16); layers are split by free memory",
+        "gpu": "3x V100 32 GB or 1x A100/H100 (fp16; bf16 on request); layers are split by free memory",
         "gpu_memory_gb_min": 40,
         "cpu_memory_gb_min": 64,
         "disk_gb": 30,

@@ -85,18 +85,19 @@ class _JobState:
 
 
 def resolve_dtype(spec: str | torch.dtype | None, device: str) -> torch.dtype:
-    """`auto`: fp32 on the CPU, fp16 before Ampere (V100: no bf16), bf16 from Ampere on."""
+    """`auto`: fp32 on the CPU, fp16 on CUDA, the precision ruDALL-E runs its published weights in
+    (with the attention-output clamp). bf16 is there on request, from Ampere (compute capability 8) on.
+    """
     if isinstance(spec, torch.dtype):
         return spec
     if spec in (None, "auto"):
-        if not device.startswith("cuda"):
-            return torch.float32
-        major, _ = torch.cuda.get_device_capability(torch.device(device))
-        return torch.bfloat16 if major >= 8 else torch.float16
+        return torch.float16 if device.startswith("cuda") else torch.float32
     if spec not in DTYPES:
         raise ValueError(f"dtype: {spec!r} is not one of auto, {', '.join(DTYPES)}")
     if spec != "fp32" and not device.startswith("cuda"):
         raise ValueError(f"dtype: {spec} needs a CUDA device; the CPU runs fp32")
+    if spec == "bf16" and torch.cuda.get_device_capability(torch.device(device))[0] < 8:
+        raise ValueError(f"dtype: bf16 needs compute capability 8.0 or later (Ampere); {device} has less")
     return DTYPES[spec]
 
 
