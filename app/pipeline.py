@@ -126,8 +126,12 @@ class Pipeline:
         self.plan = plan
         self.dtype = dtype
         self.main_device = torch.device(plan.main_device)
-        self.max_batch_images = decoder.max_batch_images
         self.image_vocab_size = manifest.dalle.image_vocab_size
+
+    @property
+    def max_batch_images(self) -> int:
+        """Images decoded together: the memory-derived limit the scheduler merges requests up to."""
+        return self.decoder.max_batch_images
 
     @classmethod
     def load(
