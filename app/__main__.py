@@ -77,6 +77,17 @@ def check_device(spec: str) -> str:
     return ",".join(names)
 
 
+def check_dtype(spec: str, device: str) -> None:
+    """The --dtype flag against the devices, by the same rule the pipeline resolves it with."""
+    from app.pipeline import resolve_dtype
+    from app.placement import parse_devices
+
+    try:
+        resolve_dtype(spec, parse_devices(device)[0])
+    except ValueError as exc:
+        raise SettingsError(f"--{exc}") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Check every flag of ours and the model directory; raises SettingsError with a one-line message."""
     model_dir = Path(args.model_dir)
@@ -85,8 +96,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if not (model_dir / "model.json").is_file():
         raise SettingsError(f"--model_dir: {model_dir / 'model.json'} is missing")
     device = check_device(args.device)
-    if args.dtype in ("fp16", "bf16") and device == "cpu":
-        raise SettingsError(f"--dtype: {args.dtype} needs a CUDA device; the CPU runs fp32")
+    check_dtype(args.dtype, device)
     positive = {
         "--max_images_per_request": args.max_images_per_request,
         "--queue_size": args.queue_size,
