@@ -38,9 +38,10 @@ def _require(block: Mapping[str, Any], key: str, where: str) -> Any:
     return block[key]
 
 
-def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple) or not value:
-        raise ValueError(f"{name} must be a non-empty list of positive integers, got {value!r}")
+def _int_tuple(value: Any, name: str, *, allow_empty: bool = False) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not (value or allow_empty):
+        kind = "list" if allow_empty else "non-empty list"
+        raise ValueError(f"{name} must be a {kind} of positive integers, got {value!r}")
     return tuple(positive_int(v, f"{name}[{i}]") for i, v in enumerate(value))
 
 
@@ -63,9 +64,8 @@ class DDConfig:
         for name in ("z_channels", "resolution", "in_channels", "out_ch", "ch", "num_res_blocks"):
             positive_int(getattr(self, name), f"vqgan.ddconfig.{name}")
         object.__setattr__(self, "ch_mult", _int_tuple(self.ch_mult, "vqgan.ddconfig.ch_mult"))
-        object.__setattr__(
-            self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions)
-        )
+        attn = _int_tuple(self.attn_resolutions, "vqgan.ddconfig.attn_resolutions", allow_empty=True)
+        object.__setattr__(self, "attn_resolutions", attn)
         if self.ch % _GROUPS:
             raise ValueError(f"vqgan.ddconfig.ch must be a multiple of {_GROUPS} (GroupNorm), got {self.ch}")
         if self.resolution % 2 ** (len(self.ch_mult) - 1):
@@ -94,15 +94,9 @@ class DDConfig:
             ch=_require(block, "ch", where),
             ch_mult=_require(block, "ch_mult", where),
             num_res_blocks=_require(block, "num_res_blocks", where),
-            attn_resolutions=_int_tuple_or_empty(_require(block, "attn_resolutions", where)),
+            attn_resolutions=_require(block, "attn_resolutions", where),
             dropout=float(block.get("dropout", 0.0)),
         )
-
-
-def _int_tuple_or_empty(value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list | tuple):
-        raise ValueError(f"vqgan.ddconfig.attn_resolutions must be a list, got {value!r}")
-    return tuple(positive_int(v, f"vqgan.ddconfig.attn_resolutions[{i}]") for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
