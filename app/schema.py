@@ -130,22 +130,15 @@ def _format_loc(loc: list[Any]) -> str:
     return out or "body"
 
 
+# JSON's names for Python's types; bool before int, since a bool is an int in Python.
+_JSON_TYPES: tuple[tuple[type, str], ...] = (
+    (type(None), "null"), (bool, "boolean"), (str, "string"), (int, "integer"), (float, "number"),
+    (list, "array"), (dict, "object"),
+)
+
+
 def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), type(value).__name__)
 
 
 _TYPE_PROBLEMS = {
