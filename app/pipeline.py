@@ -26,6 +26,13 @@ from app.nets.dalle import DalleModel
 from app.nets.decoding import GenerationOutput, GenerationRequest, ImageTokenDecoder, SamplingParams
 from app.nets.realesrgan import RRDBNet, upscale_batch
 from app.nets.vqgan import VQGANDecoder
+from app.schema import (
+    DEFAULT_CHERRY_PICK,
+    DEFAULT_IMAGES_TO_GEN,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+)
 from app.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -39,12 +46,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class GenerationParams:
     """Validated parameters of one instance (see app/schema.py for bounds and defaults)."""
 
-    images_to_gen: int = 8
-    images_to_cherry_pick: int = 4
-    top_k: int = 4096
-    top_p: float = 0.975
+    images_to_gen: int = DEFAULT_IMAGES_TO_GEN
+    images_to_cherry_pick: int = DEFAULT_CHERRY_PICK
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = DEFAULT_TOP_P
     super_res: bool = True
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     seed: int = 0
     format: str = "jpeg"
 
