@@ -210,7 +210,7 @@ class Scheduler:
         metrics.BATCH_IMAGES.observe(images)
         self.batches_run += 1
         log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
-        outcome = self._run_pipeline(batch, jobs)
+        outcome = self._run_pipeline(batch, jobs, images)
         metrics.update_gpu_memory()
         if isinstance(outcome, BatchCancelled):
             log.info("batch of %d image(s) stopped: every requester had given up", images)
@@ -244,7 +244,9 @@ class Scheduler:
             offset += len(ticket.jobs)
             self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
 
-    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any]) -> list[Any] | str | BatchCancelled:
+    def _run_pipeline(
+        self, batch: list[_Ticket], jobs: list[Any], images: int
+    ) -> list[Any] | str | BatchCancelled:
         """Run the batch: its results, or the client-facing failure message, or the cancellation.
 
         Returning instead of handling the failure inside `except` lets the failed run's frames, and
@@ -263,7 +265,6 @@ class Scheduler:
             return exc
         except Exception as exc:
             # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
-            images = sum(t.images for t in batch)
             log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
             return _failure_message(exc, images)
         return results
