@@ -152,6 +152,7 @@ class Pipeline:
         """Load and place every component of `model_dir`; raises store.ModelStoreError naming the bad file."""
         t0 = time.perf_counter()
         manifest = store.load_manifest(model_dir)
+        store.check_files_present(manifest)
         names = placement.parse_devices(device)
         torch_dtype = resolve_dtype(dtype, names[0])
         specs = placement.probe_devices(names)

@@ -209,6 +209,52 @@ def load_manifest(model_dir: str | Path) -> Manifest:
     return manifest
 
 
+# The published models `make weights MODEL=<name>` (python -m app.weights download) can fetch; app.weights
+# keeps the same list (a test ties them).
+PUBLISHED_MODELS = ("kandinsky", "malevich")
+# The files of a ruCLIP folder, as the ruclip package reads them (app.nets.clip.CLIP_FILES).
+RUCLIP_FILES = ("bpe.model", "config.json", "pytorch_model.bin")
+
+
+def manifest_file_paths(manifest: Manifest) -> list[Path]:
+    """Every file the manifest names (absolute; ruCLIP's folder expanded to its files), in manifest order."""
+    return [
+        manifest.dalle_checkpoint,
+        manifest.tokenizer,
+        manifest.vqgan_checkpoint,
+        manifest.realesrgan_checkpoint,
+        *(manifest.ruclip / f for f in RUCLIP_FILES),
+    ]
+
+
+def missing_files(manifest: Manifest) -> list[Path]:
+    """The files the manifest names that are not in the directory (each once, absolute)."""
+    return [p for p in manifest_file_paths(manifest) if not p.is_file()]
+
+
+def fetch_hint(manifest: Manifest) -> str:
+    """How to get the files of this model directory, for error messages."""
+    if manifest.name in PUBLISHED_MODELS:
+        return (f"fetch them with `make weights MODEL={manifest.name}` "
+                f"(python -m app.weights download {manifest.name} --dest {manifest.root})")
+    return (f"fetch a published model's files with `make weights MODEL=<{'|'.join(PUBLISHED_MODELS)}>` "
+            f"(python -m app.weights download <model> --dest DIR); a tiny test model is rebuilt with "
+            f"`python -m app.tiny {manifest.root}`")
+
+
+def check_files_present(manifest: Manifest) -> None:
+    """Raise ModelStoreError naming every file model.json names that is missing, and how to fetch them.
+
+    Run before placement, so that an incomplete directory is reported as such and not as a model that
+    does not fit the devices."""
+    missing = missing_files(manifest)
+    if missing:
+        raise ModelStoreError(
+            f"{'file' if len(missing) == 1 else 'files'} not found: {', '.join(str(p) for p in missing)} "
+            f"(named by {manifest.path}); {fetch_hint(manifest)}"
+        )
+
+
 def expected_tensors(manifest: Manifest) -> dict[str, dict[str, tuple[int, ...]]]:
     """Tensor names and shapes of each checkpoint: component -> name -> shape."""
     return {

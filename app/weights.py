@@ -201,6 +201,7 @@ class VerifyReport:
     model_dir: Path
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    hint: str = ""  # how to fix the problems (e.g. the command that fetches missing files)
 
     @property
     def ok(self) -> bool:
@@ -210,6 +211,8 @@ class VerifyReport:
         lines = [f"model directory {self.model_dir}:"]
         lines += [f"  ok       {c}" for c in self.checked]
         lines += [f"  PROBLEM  {p}" for p in self.problems]
+        if self.hint and not self.ok:
+            lines.append(f"  FIX      {self.hint}")
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problem(s)")
         return "\n".join(lines) + "\n"
 
@@ -260,12 +263,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def manifest_files(model_dir: str | os.PathLike[str]) -> list[Path]:
     """Every file the model directory's manifest names (ruCLIP's folder expanded), relative to it."""
-    from app.store import load_manifest
+    from app.store import load_manifest, manifest_file_paths
 
     m = load_manifest(Path(model_dir))
-    files = [m.dalle_checkpoint, m.tokenizer, m.vqgan_checkpoint, m.realesrgan_checkpoint]
-    files += [m.ruclip / f for f in RUCLIP_FILES]
-    return [Path(os.path.relpath(f, m.root)) for f in files]
+    return [Path(os.path.relpath(f, m.root)) for f in manifest_file_paths(m)]
 
 
 def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | None = None) -> VerifyReport:
@@ -277,7 +278,14 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
     from app.nets.dalle import MASK_BUFFERS
     from app.nets.realesrgan import unwrap_realesrgan_state_dict
     from app.nets.vqgan import vqgan_decode_tensor_names
-    from app.store import ModelStoreError, expected_tensors, load_manifest, load_tokenizer
+    from app.store import (
+        ModelStoreError,
+        expected_tensors,
+        fetch_hint,
+        load_manifest,
+        load_tokenizer,
+        missing_files,
+    )
 
     root = Path(model_dir)
     report = VerifyReport(root)
@@ -288,8 +296,12 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
         return report
     report.checked.append(f"{manifest.path}: manifest of {manifest.name!r}")
 
-    missing = [root / rel for rel in manifest_files(root) if not (root / rel).is_file()]
+    # The manifest's paths are absolute, as are the checks' below: each missing file is reported once,
+    # here, and its checks are skipped (`root` may be relative).
+    missing = missing_files(manifest)
     report.problems += [f"file not found: {path}" for path in missing]
+    if missing:
+        report.hint = fetch_hint(manifest)
     missing_set = set(missing)
 
     expected = expected_tensors(manifest)

@@ -406,3 +406,75 @@ def test_mask_buffers_cover_all_three_layer_kinds(tiny_model_dir: Path) -> None:
     m = store.load_manifest(tiny_model_dir)
     kinds = collections.Counter(layer_mask_kind(i, m.dalle.num_layers) for i in range(m.dalle.num_layers))
     assert set(kinds) == {"row", "col", "conv"}
+
+
+# ------------------------------------------------------------------------------ files present at start-up
+
+# A batch no machine holds: placement fails with "does not fit" whenever it is reached, so these tests see
+# whether the missing-file check runs first.
+UNFITTABLE_BATCH = 10**7
+
+
+def test_check_files_present_names_every_missing_file_once_and_the_fetch_command(model_dir: Path) -> None:
+    m = store.load_manifest(model_dir)
+    store.check_files_present(m)  # complete: no error
+    gone = [m.dalle_checkpoint, m.ruclip / "config.json"]
+    for path in gone:
+        path.unlink()
+    assert store.missing_files(m) == gone
+    with pytest.raises(ModelStoreError) as err:
+        store.check_files_present(m)
+    msg = str(err.value)
+    assert msg.startswith("files not found: ")
+    for path in gone:
+        assert msg.count(str(path)) == 1
+    assert "make weights MODEL=" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", store.PUBLISHED_MODELS)
+def test_fetch_hint_names_the_make_command_of_a_published_model(model_dir: Path, name: str) -> None:
+    edit_manifest(model_dir, lambda raw: raw.update(name=name))
+    m = store.load_manifest(model_dir)
+    assert f"`make weights MODEL={name}`" in store.fetch_hint(m)
+    assert f"python -m app.weights download {name} --dest {m.root}" in store.fetch_hint(m)
+
+
+def test_manifest_file_paths_are_the_files_the_loaders_and_the_download_use() -> None:
+    from app import weights
+    from app.nets.clip import CLIP_FILES
+
+    assert set(store.RUCLIP_FILES) == set(CLIP_FILES) == set(weights.RUCLIP_FILES)
+    assert store.PUBLISHED_MODELS == weights.MODELS
+
+
+def test_pipeline_load_reports_a_missing_checkpoint_before_placement(model_dir: Path) -> None:
+    from app.pipeline import Pipeline
+    from app.placement import PlacementError
+
+    with pytest.raises(PlacementError, match="does not fit"):  # the batch is unfittable indeed
+        Pipeline.load(model_dir, device="cpu", max_batch_images=UNFITTABLE_BATCH)
+    m = store.load_manifest(model_dir)
+    m.vqgan_checkpoint.unlink()
+    with pytest.raises(ModelStoreError) as err:
+        Pipeline.load(model_dir, device="cpu", max_batch_images=UNFITTABLE_BATCH)
+    msg = str(err.value)
+    assert msg.startswith(f"file not found: {m.vqgan_checkpoint} ")
+    assert "does not fit" not in msg and "make weights MODEL=" in msg
+
+
+def test_server_start_up_names_the_missing_file_not_the_memory(model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    m = store.load_manifest(model_dir)
+    m.dalle_checkpoint.unlink()
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "app", "--model_dir", str(model_dir), "--device", "cpu",
+         "--max_batch_images", str(UNFITTABLE_BATCH)],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: file not found: {m.dalle_checkpoint} ")
+    assert "does not fit" not in out.stderr and "make weights MODEL=" in line

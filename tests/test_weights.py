@@ -282,3 +282,31 @@ def test_repository_templates_give_a_complete_download_plan(name: str) -> None:
     assert len(plan) == 7 and len({f.dest for f in plan}) == 7
     assert plan[0].dest == manifest.dalle_checkpoint.name
     assert {f.dest for f in plan} == {str(rel) for rel in weights.manifest_files(path.parent)}
+
+
+def test_verify_cli_lists_each_missing_file_once_with_the_fetch_command(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = _manifest(model_dir)
+    gone = [m["dalle"]["checkpoint"], m["tokenizer"]["path"], m["vqgan"]["checkpoint"],
+            m["realesrgan"]["checkpoint"], m["ruclip"]["path"] + "/pytorch_model.bin"]
+    for rel in gone:
+        (model_dir / rel).unlink()
+    # A relative directory, as `make verify` passes it: the checks' paths are absolute.
+    monkeypatch.chdir(model_dir.parent)
+    assert weights.main(["verify", model_dir.name]) == 1
+    out = capsys.readouterr().out
+    for rel in gone:
+        assert out.count(rel) == 1, out  # not once as given and again as the manifest resolved it
+    assert f"FAILED: {len(gone)} problem(s)" in out
+    assert "make weights MODEL=" in out
+    assert out.count("make weights MODEL=") == 1
+
+
+def test_verify_of_a_published_model_names_its_make_command(model_dir: Path) -> None:
+    raw = _manifest(model_dir)
+    raw["name"] = "malevich"
+    (model_dir / "model.json").write_text(json.dumps(raw), encoding="utf-8")
+    (model_dir / raw["realesrgan"]["checkpoint"]).unlink()
+    rendered = weights.verify(model_dir).render()
+    assert "make weights MODEL=malevich" in rendered
