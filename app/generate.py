@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = Job(instance.query, GenerationParams(**instance.params.model_dump()))
     (result,) = pipeline.run([job])
+    assert result is not None  # only an on_step callback stops a job, and none is given
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

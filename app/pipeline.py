@@ -11,7 +11,7 @@ import base64
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,13 @@ from PIL import Image
 from app import placement, store
 from app.nets.clip import ClipRanker
 from app.nets.dalle import DalleModel
-from app.nets.decoding import GenerationOutput, GenerationRequest, ImageTokenDecoder, SamplingParams
+from app.nets.decoding import (
+    GenerationOutput,
+    GenerationRequest,
+    ImageTokenDecoder,
+    OnStep,
+    SamplingParams,
+)
 from app.nets.realesrgan import RRDBNet, upscale_batch
 from app.nets.vqgan import VQGANDecoder
 from app.schema import (
@@ -179,19 +185,25 @@ class Pipeline:
 
     # ---- the batch path -------------------------------------------------------------------------
 
-    def run(self, jobs: Sequence[Job], on_step: Callable[[int], None] | None = None) -> list[JobResult]:
-        """Run one merged batch; every job keeps its own params and seed. Raises on failure."""
+    def run(self, jobs: Sequence[Job], on_step: OnStep | None = None) -> list[JobResult | None]:
+        """Run one merged batch; every job keeps its own params and seed. Raises on failure.
+
+        ``on_step`` sees the decode progress and may name jobs to stop (see ``OnStep``): a stopped
+        job's result is None and it costs no further time; the other jobs go on unchanged.
+        """
         states = [_JobState(job) for job in jobs]
         with torch.inference_mode():
             self._generate(states, on_step)
             for st in states:
+                if st.output is None:
+                    continue
                 self._decode(st)
                 self._rank(st)
                 self._upscale(st)
                 self._encode(st)
-        return [self._result(st) for st in states]
+        return [self._result(st) if st.output is not None else None for st in states]
 
-    def _generate(self, states: list[_JobState], on_step: Callable[[int], None] | None) -> None:
+    def _generate(self, states: list[_JobState], on_step: OnStep | None) -> None:
         t0 = time.perf_counter()
         requests = [self._request(st.job) for st in states]
         outputs = self._generate_splitting_on_oom(requests, on_step)
@@ -211,8 +223,8 @@ class Pipeline:
         )
 
     def _generate_splitting_on_oom(
-        self, requests: list[GenerationRequest], on_step: Callable[[int], None] | None
-    ) -> list[GenerationOutput]:
+        self, requests: list[GenerationRequest], on_step: OnStep | None
+    ) -> list[GenerationOutput | None]:
         # Per-row random streams make the codes independent of how rows are chunked, so halving the
         # chunk size after an out-of-memory retries the same work with the same result. The halving
         # holds for this batch only: one transient OOM must not shrink every later batch.

@@ -14,7 +14,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,11 +29,11 @@ class BatchRunner(Protocol):
 
     max_batch_images: int
 
-    def run(self, jobs: Sequence[Any], on_step: Callable[[int], None] | None = None) -> list[Any]: ...
-
-
-class BatchCancelled(Exception):
-    """Raised from the progress callback to stop a batch whose every requester has given up."""
+    def run(
+        self, jobs: Sequence[Any], on_step: Callable[[int], Collection[int] | None] | None = None
+    ) -> list[Any]:
+        """One result per job; None for a job that `on_step` asked to stop."""
+        ...
 
 
 @dataclass
@@ -50,7 +50,7 @@ class _Ticket:
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[TicketResult]
-    abandoned: bool = False  # the requester stopped waiting (deadline or disconnect)
+    abandoned: bool = False  # the requester stopped waiting (deadline, disconnect or cancel)
 
 
 def _job_images(job: Any) -> int:
@@ -212,9 +212,6 @@ class Scheduler:
         log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
         outcome = self._run_pipeline(batch, jobs, images)
         metrics.update_gpu_memory()
-        if isinstance(outcome, BatchCancelled):
-            log.info("batch of %d image(s) stopped: every requester had given up", images)
-            return  # each requester was already answered by its own deadline or disconnect
         if isinstance(outcome, str):
             # The failed run's frames (and the GPU memory they held) are gone by now, so the cache can
             # really be released before anything runs again.
@@ -235,34 +232,39 @@ class Scheduler:
             return
         results = outcome
         try:
-            self._record(results, images)
+            self._record(jobs, results)
         except Exception:  # metrics must never cost a request its answer
             log.exception("scheduler: could not record batch metrics")
         offset = 0
         for ticket in batch:
             mine = results[offset : offset + len(ticket.jobs)]
             offset += len(ticket.jobs)
+            if any(result is None for result in mine):
+                # Stopped at a progress tick: its requester had gone and was answered already.
+                log.info("request of %d image(s) stopped: its requester gave up", ticket.images)
+                continue
             self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
 
-    def _run_pipeline(
-        self, batch: list[_Ticket], jobs: list[Any], images: int
-    ) -> list[Any] | str | BatchCancelled:
-        """Run the batch: its results, or the client-facing failure message, or the cancellation.
+    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any], images: int) -> list[Any] | str:
+        """Run the batch: its results (None for each stopped job), or the client-facing failure message.
 
         Returning instead of handling the failure inside `except` lets the failed run's frames, and
         the tensors they hold, be freed before the caller retries anything.
         """
+        owner = [ticket for ticket in batch for _ in ticket.jobs]  # job index -> its ticket
 
-        def stop_if_nobody_waits(step: int) -> None:
-            if all(ticket.abandoned for ticket in batch):
-                raise BatchCancelled(f"cancelled at decode step {step}")
+        def stop_abandoned(step: int) -> list[int]:
+            # At each progress tick: the jobs whose requester gave up (deadline, hang-up, cancel)
+            # leave the batch; their partners go on.
+            return [n for n, ticket in enumerate(owner) if ticket.abandoned]
 
         try:
-            results = self.pipeline.run(jobs, on_step=stop_if_nobody_waits)
+            results = self.pipeline.run(jobs, on_step=stop_abandoned)
             if len(results) != len(jobs):
                 raise RuntimeError(f"pipeline returned {len(results)} results for {len(jobs)} jobs")
-        except BatchCancelled as exc:
-            return exc
+            for n, result in enumerate(results):
+                if result is None and not owner[n].abandoned:
+                    raise RuntimeError(f"pipeline stopped job {n}, whose requester still waits")
         except Exception as exc:
             # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
             log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
@@ -270,8 +272,11 @@ class Scheduler:
         return results
 
     @staticmethod
-    def _record(results: list[Any], images: int) -> None:
-        # Counted here, not per answered request: a request that gave up still cost its images.
+    def _record(jobs: list[Any], all_results: list[Any]) -> None:
+        # Counted here, not per answered request: a request that gave up late still cost its images;
+        # one stopped at a progress tick (result None) produced none.
+        results = [r for r in all_results if r is not None]
+        images = sum(_job_images(j) for j, r in zip(jobs, all_results) if r is not None)
         # Every sampled image has the same token count; the returned codes tell how many.
         per_image_tokens = next((len(r.codes[0]) for r in results if r.codes), 0)
         metrics.IMAGES_TOTAL.inc(images)

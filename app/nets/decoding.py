@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -31,6 +31,10 @@ from app.nets.dalle import DalleLayer, DalleModel, attention, build_mask, layer_
 log = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1
+
+#: The progress callback: gets the decode steps done so far, returns the indices of the requests to
+#: stop (their rows leave the batch at once; the other rows go on with unchanged codes), or None.
+OnStep = Callable[[int], Collection[int] | None]
 
 
 @dataclass(frozen=True)
@@ -357,11 +361,13 @@ class ImageTokenDecoder:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
-                 on_step: Callable[[int], None] | None = None) -> list[GenerationOutput]:
+                 on_step: OnStep | None = None) -> list[GenerationOutput | None]:
         """Sample ``num_images`` image-token grids per request; same seed, same codes in any batch.
 
         ``on_step(n)`` receives the number of decode steps done so far, summed over chunks, at most
-        every ``progress_every`` steps; it gets a Python int and never forces a device sync.
+        every ``progress_every`` steps; it gets a Python int and never forces a device sync. The
+        request indices it returns are stopped there: their rows leave the batch (the others go on,
+        with the codes they would have had anyway) and their output is None.
         """
         for n, req in enumerate(requests):
             self._check_request(n, req)
@@ -373,22 +379,34 @@ class ImageTokenDecoder:
         uniforms = [request_uniforms(req.seed, req.num_images, seq) for req in requests]
         codes_out = [torch.empty(req.num_images, seq, dtype=torch.long) for req in requests]
         ppl_out = [torch.empty(req.num_images, dtype=torch.float32) for req in requests]
+        stopped: set[int] = set()
         self._ensure_caches(min(self.max_batch_images, len(rows)))
 
         steps_done = 0
         for c0 in range(0, len(rows), self.max_batch_images):
-            chunk = rows[c0 : c0 + self.max_batch_images]
-            codes, ppl = self._decode_chunk(requests, chunk, uniforms, on_step, steps_done)
+            chunk = [row for row in rows[c0 : c0 + self.max_batch_images] if row[0] not in stopped]
+            if not chunk:
+                continue  # every row of this chunk belongs to stopped requests: no GPU time for it
+
+            def tick(steps: int, steps_before: int = steps_done) -> set[int]:
+                if on_step is not None:
+                    stopped.update(on_step(steps_before + steps) or ())
+                return stopped
+
+            done, codes, ppl = self._decode_chunk(requests, chunk, uniforms, tick)
             steps_done += seq
-            for k, (r, i) in enumerate(chunk):
+            for k, (r, i) in enumerate(done):
                 codes_out[r][i] = codes[k]
                 ppl_out[r][i] = ppl[k]
-        return [GenerationOutput(codes=c, ppl=p) for c, p in zip(codes_out, ppl_out)]
+        return [None if r in stopped else GenerationOutput(codes=c, ppl=p)
+                for r, (c, p) in enumerate(zip(codes_out, ppl_out))]
 
     def _decode_chunk(self, requests: Sequence[GenerationRequest], chunk: list[tuple[int, int]],
-                      uniforms: list[torch.Tensor], on_step: Callable[[int], None] | None,
-                      steps_before: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode the rows of one chunk; returns codes [B, image_seq_length] and ppl [B] on the CPU."""
+                      uniforms: list[torch.Tensor], tick: Callable[[int], set[int]],
+                      ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+        """Decode the rows of one chunk: the rows that ran to the end (those of requests that ``tick``
+        stopped leave early), their codes [B, image_seq_length] and ppl [B] on the CPU.
+        """
         seq, head = self.cfg.image_seq_length, self.head_device
         b = len(chunk)
         req_ids = sorted({r for r, _ in chunk})
@@ -423,12 +441,37 @@ class ImageTokenDecoder:
                 codes[step, rs] = tok
                 if step + 1 < seq:
                     logits[n] = self._forward_token(g, tok, self.n_text + step)
-            if on_step is not None and ((step + 1) % self.progress_every == 0 or step + 1 == seq):
-                on_step(steps_before + step + 1)
+            if (step + 1) % self.progress_every == 0 or step + 1 == seq:
+                stopped = tick(step + 1)
+                keep = [k for k, (r, _) in enumerate(chunk) if r not in stopped]
+                if len(keep) < len(chunk):
+                    if not keep or step + 1 == seq:
+                        chunk = [chunk[k] for k in keep]
+                        codes, ppl_sum, ppl_count = codes[:, keep], ppl_sum[keep], ppl_count[keep]
+                        break
+                    # Move the surviving rows to the front of the caches and of every per-row tensor.
+                    # Each row's randomness is its own, so the survivors' codes do not change.
+                    idx = torch.tensor(keep)
+                    self._compact_caches(idx, len(chunk))
+                    head_idx = idx.to(head)
+                    all_logits = torch.cat(logits).index_select(0, head_idx)  # [B', iv]
+                    u, codes = u[:, head_idx], codes[:, head_idx]
+                    temperature, top_k, top_p = temperature[head_idx], top_k[head_idx], top_p[head_idx]
+                    ppl_sum, ppl_count = ppl_sum[head_idx], ppl_count[head_idx]
+                    chunk = [chunk[k] for k in keep]
+                    groups = self._groups(len(chunk))
+                    logits = [all_logits[g.r0 : g.r1] for g in groups]
 
         # A row whose every CE was exactly zero was certain throughout: its ppl is exp(0) = 1.
         ppl = torch.where(ppl_count > 0, ppl_sum / ppl_count.clamp(min=1), torch.ones_like(ppl_sum))
-        return codes.t().cpu(), ppl.cpu()
+        return chunk, codes.t().cpu(), ppl.cpu()
+
+    def _compact_caches(self, keep: torch.Tensor, rows: int) -> None:
+        """Copy cache rows ``keep`` (ascending indices into the first ``rows``) to the front."""
+        for lp, (k_cache, v_cache) in zip(self.layers, self._caches):
+            idx = keep.to(lp.device)
+            k_cache[: len(keep)] = k_cache[:rows].index_select(0, idx)
+            v_cache[: len(keep)] = v_cache[:rows].index_select(0, idx)
 
     def _groups(self, b: int) -> list[_Group]:
         m = min(self.microbatches, b)

@@ -325,6 +325,57 @@ def test_on_step_reports_progress_at_most_every_32_steps(small_model):
     assert calls == [32, steps, steps + 32, 2 * steps]
 
 
+@pytest.mark.parametrize(("chunk", "microbatches"), [(8, 1), (8, 2), (3, 1)])
+def test_a_stopped_request_leaves_the_batch_and_its_partners_codes_do_not_change(
+    monkeypatch, small_model, chunk, microbatches
+):
+    reqs = [request(SMALL, seed=1, num_images=2),
+            request(SMALL, seed=2, num_images=3, sampling=SamplingParams(20, 0.9, 0.7), text_seed=4),
+            request(SMALL, seed=3, num_images=1, text_seed=5)]
+    expected = ImageTokenDecoder(small_model, 8).generate(reqs)
+    dec = ImageTokenDecoder(small_model, chunk, microbatches=microbatches)
+    dec.progress_every = 8
+    fed: list[int] = []  # rows fed through the layers, per step and micro-batch
+    real_forward = dec._forward_token
+
+    def counting_forward(g, tokens, pos):  # type: ignore[no-untyped-def]
+        fed.append(tokens.shape[0])
+        return real_forward(g, tokens, pos)
+
+    monkeypatch.setattr(dec, "_forward_token", counting_forward)
+    ticks: list[int] = []
+
+    def stop_the_second(steps: int) -> list[int]:
+        ticks.append(steps)
+        return [1] if steps >= 8 else []
+
+    out = dec.generate(reqs, on_step=stop_the_second)
+    assert out[1] is None
+    for n in (0, 2):
+        got, want = out[n], expected[n]
+        assert got is not None and want is not None
+        assert torch.equal(got.codes, want.codes)
+        torch.testing.assert_close(got.ppl, want.ppl, atol=1e-6, rtol=1e-6)
+    steps = SMALL.image_seq_length
+    assert sum(fed) < 6 * (steps - 1)  # the stopped rows cost no step after the tick
+    if chunk == 8 and microbatches == 1:
+        # 6 rows until the tick after step 8, then only the 3 rows of the other two requests.
+        assert fed == [6] * 8 + [3] * (steps - 1 - 8)
+        assert ticks[0] == 8
+
+
+def test_stopping_every_request_ends_generation_at_the_tick(monkeypatch, small_model):
+    reqs = [request(SMALL, seed=1, num_images=2), request(SMALL, seed=2, num_images=2, text_seed=3)]
+    dec = ImageTokenDecoder(small_model, 2)  # two chunks: the second is never started
+    fed: list[int] = []
+    real_forward = dec._forward_token
+    monkeypatch.setattr(dec, "_forward_token",
+                        lambda g, tokens, pos: fed.append(pos) or real_forward(g, tokens, pos))
+    out = dec.generate(reqs, on_step=lambda steps: [0, 1])
+    assert out == [None, None]
+    assert len(fed) == dec.progress_every  # the first tick stopped everything
+
+
 def test_compile_step_is_a_noop_on_cpu(small_model, caplog):
     reqs = [request(SMALL, seed=4, num_images=2)]
     with caplog.at_level("INFO", logger="app.nets.decoding"):

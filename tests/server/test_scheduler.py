@@ -55,22 +55,30 @@ class FakePipeline:
         self.steps = 0
         self.steps_done: list[tuple[str, int]] = []
         self.on_each_step = None
+        self.stopped_at: dict[str, int] = {}  # query -> the step at which the scheduler stopped it
 
-    def run(self, jobs: list[FakeJob], on_step=None) -> list[FakeResult]:  # type: ignore[no-untyped-def]
+    def run(self, jobs: list[FakeJob], on_step=None) -> list[FakeResult | None]:  # type: ignore[no-untyped-def]
         self.calls.append([j.query for j in jobs])
         self.started.set()
         assert self.gate.wait(10), "test left the gate closed"
+        stopped: set[int] = set()  # jobs the scheduler asked to stop, as the decoder honours them
         for step in range(self.steps):  # the decode loop's progress calls
             if self.on_each_step is not None:
                 self.on_each_step(jobs, step)
             if on_step is not None:
-                on_step(step)
+                for n in on_step(step) or ():
+                    self.stopped_at.setdefault(jobs[n].query, step)
+                    stopped.add(n)
+            if len(stopped) == len(jobs):
+                break
             self.steps_done.append((jobs[0].query, step))
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
         return [
-            FakeResult(
+            None
+            if n in stopped
+            else FakeResult(
                 images=[f"{j.query}#{i}" for i in range(j.params.images_to_gen)],
                 clip_scores=[1.0] * j.params.images_to_gen,
                 ppl=[2.0] * j.params.images_to_gen,
@@ -78,7 +86,7 @@ class FakePipeline:
                 timings={"generate": 0.01, "decode": 0.001},
                 codes=[[i] * 16 for i in range(j.params.images_to_gen)],  # 16 tokens per fake image
             )
-            for j in jobs
+            for n, j in enumerate(jobs)
         ]
 
 
@@ -296,6 +304,27 @@ async def test_batch_with_one_requester_still_waiting_is_not_cancelled(fake, mak
     with pytest.raises(asyncio.CancelledError):
         await hasty
     assert [s for q, s in fake.steps_done if q == "patient"] == [0, 1, 2]
+
+
+async def test_a_hung_up_request_leaves_its_batch_at_the_next_tick_while_its_partner_goes_on(
+    fake, make_scheduler
+):
+    sched = make_scheduler()
+    fake.steps = 4
+    first = await hold_first_batch(fake, sched)
+    patient = asyncio.create_task(sched.submit([job("patient", 2)], timeout=10))
+    hasty = asyncio.create_task(sched.submit([job("hasty", 3)], timeout=10))
+    await wait_until(lambda: sched.depth == 2)
+    disconnect_at_step(fake, hasty, "hasty", at=1)
+    fake.gate.set()
+    await first
+    assert (await patient).results[0].images == ["patient#0", "patient#1"]
+    with pytest.raises(asyncio.CancelledError):
+        await hasty
+    # Both ran in one batch; the scheduler named only the hasty job, at the first tick after it left.
+    assert fake.calls[-1] == ["patient", "hasty"]
+    assert fake.stopped_at == {"hasty": 1}
+    assert sched.alive
 
 
 async def test_out_of_memory_failure_says_so(fake, make_scheduler):
