@@ -46,11 +46,17 @@ NATIVE_KINDS = {
     ("v1", "ConfigMap"),
     ("batch/v1", "Job"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 CRD_FILES = {
     "InferenceService": "serving.kserve.io_inferenceservices.yaml",
     "ClusterServingRuntime": "serving.kserve.io_clusterservingruntimes.yaml",
     "ServingRuntime": "serving.kserve.io_servingruntimes.yaml",
+}
+# prometheus-operator's CRDs (kube-prometheus-stack installs them), in the same shared folder.
+MONITORING_CRD_FILES = {
+    "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+    "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
 }
 # Metrics the alert rules may use that come from the cluster, not from our server.
 EXTERNAL_METRICS = {"kube_pod_status_ready", "up"}
@@ -202,8 +208,8 @@ def _validator(kind: str) -> Any:
 
     shared = _shared_dir()
     if shared is None:
-        pytest.skip("KServe CRDs not found: set KANDINSKY_SHARED_DIR or put shared/k8s/crds next to the repo")
-    crd = _load_yaml(shared / "k8s" / "crds" / CRD_FILES[kind])[0]
+        pytest.skip("CRDs not found: set KANDINSKY_SHARED_DIR or put shared/k8s/crds next to the repo")
+    crd = _load_yaml(shared / "k8s" / "crds" / {**CRD_FILES, **MONITORING_CRD_FILES}[kind])[0]
     assert crd["spec"]["names"]["kind"] == kind
     versions = [v for v in crd["spec"]["versions"] if v.get("served")]
     version = next((v for v in versions if v.get("storage")), versions[0])
@@ -305,7 +311,12 @@ def _served_routes() -> dict[str, set[str]]:
     from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-    from app.model import KandinskyModel, ServerSettings, configure_app
+    from app.model import KandinskyModel, ServerSettings
+
+    try:  # the HTTP layer moved from app.model to app.http
+        from app.http import configure_app
+    except ImportError:
+        from app.model import configure_app  # type: ignore[attr-defined,no-redef]
 
     app = FastAPI()
     repo = ModelRepository()
@@ -847,3 +858,359 @@ def test_alert_rules_cover_stuck_queue_errors_and_readiness() -> None:
     assert "kube_pod_status_ready" in rules["KandinskyPodNotReady"]["expr"]
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+
+
+# ------------------------------------------------------------------ prometheus-operator and Grafana
+
+
+def test_every_monitoring_object_validates_against_the_prometheus_operator_crd_schema() -> None:
+    docs = [(p, d) for p, d in _objects() if d.get("kind") in MONITORING_CRD_FILES]
+    assert {d["kind"] for _, d in docs} == set(MONITORING_CRD_FILES)
+    problems = [f"{p.relative_to(REPO)} {d['metadata']['name']}: {e}" for p, d in docs
+                for e in _schema_errors(d)]
+    assert not problems, "\n".join(problems)
+
+
+def test_strict_monitoring_schema_rejects_a_misspelled_field_and_a_bad_interval() -> None:
+    doc = json.loads(json.dumps(_of_kind("PodMonitor")[0]))
+    doc["spec"]["podMetricsEndpoints"][0]["portName"] = "user-port"
+    doc["spec"]["podMetricsEndpoints"][0]["interval"] = "30 seconds"
+    errors = "\n".join(_schema_errors(doc))
+    assert "portName" in errors and "interval" in errors
+    rule = json.loads(json.dumps(_of_kind("PrometheusRule")[0]))
+    rule["spec"]["groups"][0]["rules"][0]["alertname"] = "x"
+    assert "alertname" in "\n".join(_schema_errors(rule))
+
+
+# KServe labels every predictor pod with these (constants.InferenceServicePodLabelKey and
+# KServiceComponentLabel), on top of the runtime's pod labels, the InferenceService's and the predictor's.
+KSERVE_POD_NAME_LABEL = "serving.kserve.io/inferenceservice"
+KSERVE_COMPONENT_LABEL = "component"
+# Knative names the serving container's only port `user-port` in the pod it makes (v1.UserPortName),
+# whatever the runtime calls it; KServe's Standard mode keeps the runtime's port as it is.
+KNATIVE_USER_PORT = "user-port"
+
+
+def _predictor_pod_labels(isvc: dict[str, Any]) -> dict[str, str]:
+    labels = dict(_runtime_for(isvc)["spec"].get("labels", {}))
+    labels.update(isvc["metadata"].get("labels", {}))
+    labels.update(isvc["spec"]["predictor"].get("labels", {}))
+    labels.update({KSERVE_POD_NAME_LABEL: isvc["metadata"]["name"], KSERVE_COMPONENT_LABEL: "predictor"})
+    return labels
+
+
+def _predictor_pod_ports(isvc: dict[str, Any]) -> dict[str, int]:
+    """Port name -> number of the serving container in the predictor pod."""
+    ports = _runtime_for(isvc)["spec"]["containers"][0]["ports"]
+    mode = isvc["metadata"].get("annotations", {}).get("serving.kserve.io/deploymentMode", "Knative")
+    if mode == "Knative":
+        assert len(ports) == 1, "Knative serves one port per container"
+        return {KNATIVE_USER_PORT: ports[0]["containerPort"]}
+    return {p["name"]: p["containerPort"] for p in ports if p.get("name")}
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": key in labels and labels[key] in values,
+              "NotIn": key not in labels or labels[key] not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return bool(selector.get("matchLabels") or selector.get("matchExpressions"))
+
+
+def test_label_selector_matching_can_fail() -> None:
+    sel = {"matchLabels": {"component": "predictor"},
+           "matchExpressions": [{"key": KSERVE_POD_NAME_LABEL, "operator": "In", "values": ["a"]}]}
+    assert _selects(sel, {"component": "predictor", KSERVE_POD_NAME_LABEL: "a", "x": "y"})
+    assert not _selects(sel, {"component": "predictor", KSERVE_POD_NAME_LABEL: "b"})
+    assert not _selects(sel, {KSERVE_POD_NAME_LABEL: "a"})
+    assert not _selects({}, {"a": "b"}), "an empty selector would select every pod of the namespace"
+
+
+def test_podmonitor_scrapes_every_predictor_pod_on_the_servers_metrics_port() -> None:
+    (monitor,) = _of_kind("PodMonitor")
+    spec = monitor["spec"]
+    # No namespaceSelector: the PodMonitor looks in its own namespace, where `-n` puts the pods too.
+    assert "namespaceSelector" not in spec
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert _route_for(endpoint["path"]) == "/metrics"
+    assert endpoint.get("scheme", "http") == "http"
+    for isvc in _of_kind("InferenceService"):
+        name = isvc["metadata"]["name"]
+        assert _selects(spec["selector"], _predictor_pod_labels(isvc)), f"{name}: pods not selected"
+        ports = _predictor_pod_ports(isvc)
+        assert endpoint["port"] in ports, f"{name}: the pod has no port {endpoint['port']!r}, only {ports}"
+        assert ports[endpoint["port"]] == _parse(_server_args(isvc)).http_port
+        # Other components of the same InferenceService (a transformer) are not the model server.
+        other = {**_predictor_pod_labels(isvc), KSERVE_COMPONENT_LABEL: "transformer"}
+        assert not _selects(spec["selector"], other)
+    for job in _of_kind("Job"):
+        assert not _selects(spec["selector"], job["spec"]["template"].get("metadata", {}).get("labels", {}))
+
+
+def test_standard_mode_keeps_the_runtime_port_name_the_podmonitor_docs_name() -> None:
+    # Knative accepts only these names for the user port; Standard mode keeps the name, which DEPLOY.md
+    # tells the reader to put into the PodMonitor there.
+    for runtime in _of_kind("ClusterServingRuntime"):
+        (port,) = runtime["spec"]["containers"][0]["ports"]
+        assert port.get("name") in ("http1", "h2c")
+        assert f"`{port['name']}` instead of Knative's `{KNATIVE_USER_PORT}`" in _doc("docs/DEPLOY.md")
+    isvc = json.loads(json.dumps(_of_kind("InferenceService")[0]))
+    isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "Standard"
+    assert set(_predictor_pod_ports(isvc)) == {"http1"}
+
+
+def test_podmonitor_and_rules_carry_the_release_label_prometheus_selects() -> None:
+    releases = {d["kind"]: d["metadata"].get("labels", {}).get("release")
+                for d in _of_kind("PodMonitor") + _of_kind("PrometheusRule")}
+    assert set(releases) == {"PodMonitor", "PrometheusRule"}
+    assert len(set(releases.values())) == 1 and None not in releases.values(), releases
+
+
+def _dashboard_generator() -> dict[str, Any]:
+    gens = [g for g in _kustomization(K8S).get("configMapGenerator", [])
+            if any(f.split("=", 1)[-1] == "monitoring/kandinsky-dashboard.json" for f in g.get("files", []))]
+    assert len(gens) == 1, "k8s/kustomization.yaml must generate the dashboard ConfigMap"
+    return gens[0]
+
+
+def test_dashboard_configmap_carries_the_grafana_sidecar_label() -> None:
+    options = _dashboard_generator()["options"]
+    # kube-prometheus-stack's sidecar: label grafana_dashboard, value "1" (a string: labels are strings).
+    assert options["labels"]["grafana_dashboard"] == "1"
+    assert options["disableNameSuffixHash"] is True, "re-applying must replace the dashboard, not copy it"
+
+
+def test_rendered_dashboard_configmap_is_labelled_and_holds_the_dashboard() -> None:
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed: `kubectl kustomize` cannot be checked here")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    maps = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "ConfigMap"
+            and d["metadata"]["name"] == _dashboard_generator()["name"]]
+    assert len(maps) == 1
+    assert maps[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (key,) = maps[0]["data"]
+    assert key.endswith(".json") and json.loads(maps[0]["data"][key]) == _dashboard()
+    monitors = [d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "PodMonitor"]
+    assert len(monitors) == 1 and "namespace" not in monitors[0]["metadata"]
+
+
+# ------------------------------------------------------------------- the docs' commands vs the manifests
+
+NAMESPACE = "kandinsky"  # the namespace README.md and docs/DEPLOY.md deploy into
+DOCS = ("README.md", "docs/DEPLOY.md")
+CLUSTER_SCOPED_KINDS = {"ClusterServingRuntime", "Namespace", "Node", "PersistentVolume", "StorageClass",
+                        "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+# kubectl resource names -> kind, for the kinds the docs name.
+RESOURCE_KINDS = {
+    "job": "Job", "jobs": "Job", "isvc": "InferenceService", "inferenceservice": "InferenceService",
+    "inferenceservices": "InferenceService", "pvc": "PersistentVolumeClaim",
+    "persistentvolumeclaim": "PersistentVolumeClaim", "secret": "Secret", "serviceaccount": "ServiceAccount",
+    "sa": "ServiceAccount", "configmap": "ConfigMap", "cm": "ConfigMap", "podmonitor": "PodMonitor",
+    "prometheusrule": "PrometheusRule", "prometheus": "Prometheus", "service": "Service", "svc": "Service",
+    "pod": "Pod", "pods": "Pod", "deployment": "Deployment",
+    "node": "Node", "nodes": "Node", "namespace": "Namespace", "ns": "Namespace",
+    "clusterservingruntime": "ClusterServingRuntime", "clusterservingruntimes": "ClusterServingRuntime",
+}
+_VALUE_FLAGS = {"-n", "--namespace", "-f", "--filename", "-k", "--kustomize", "-o", "--output", "-c",
+                "--container", "-L", "-l", "--selector", "-p", "--patch", "--type", "--context"}
+_STOP_TOKENS = {"|", "||", "&&", ";", ")", "&", "(", ">", "<"}
+
+
+def _doc(rel: str) -> str:
+    return (REPO / rel).read_text(encoding="utf-8")
+
+
+def _code_snippets(text: str) -> list[str]:
+    """Shell from Markdown: fenced blocks (continuation lines joined), then inline code spans."""
+    fence = r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```"  # also indented, inside a list item
+    snippets = [re.sub(r"\\\n\s*", " ", block) for block in re.findall(fence, text, re.S | re.M)]
+    prose = re.sub(fence, "", text, flags=re.S | re.M)
+    snippets += [re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", prose)]
+    return snippets
+
+
+def _manifest_comment_snippets(path: Path) -> list[str]:
+    comments = "\n".join(m.group(1) for m in re.finditer(r"^\s*#\s?(.*)$", path.read_text(), re.M))
+    return [line.strip() for line in comments.splitlines() if line.strip().startswith("kubectl ")] + [
+        re.sub(r"\s+", " ", span) for span in re.findall(r"`([^`]+)`", comments)]
+
+
+def _kubectl_argvs(snippet: str) -> list[list[str]]:
+    """Every kubectl command in some shell, up to the end of its pipeline stage, line or comment."""
+    import shlex
+
+    out = []
+    for m in re.finditer(r"(?<![\w/.-])kubectl\b", snippet):
+        # A newline outside quotes ends a command (it is punctuation here, not whitespace); inside quotes
+        # (a JSON patch over two lines) it does not.
+        lexer = shlex.shlex(snippet[m.start():], posix=True, punctuation_chars="();<>|&\n")
+        lexer.whitespace, lexer.commenters, lexer.whitespace_split = " \t\r", "", True
+        argv: list[str] = []
+        while (token := lexer.get_token()) is not None:
+            if token in _STOP_TOKENS or set(token) <= set("();<>|&\n") or token.startswith("#"):
+                break
+            argv.append(token)
+        out.append(argv)
+    return out
+
+
+def _doc_commands() -> list[tuple[str, list[str]]]:
+    cmds = [(rel, argv) for rel in DOCS for s in _code_snippets(_doc(rel)) for argv in _kubectl_argvs(s)]
+    for path in sorted(K8S.rglob("*.yaml")):
+        rel = str(path.relative_to(REPO))
+        cmds += [(rel, argv) for s in _manifest_comment_snippets(path) for argv in _kubectl_argvs(s)]
+    return cmds
+
+
+def _split_kubectl(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """(flag -> values, positional words) of a kubectl command line."""
+    flags: dict[str, list[str]] = {}
+    words: list[str] = []
+    it = iter(argv[1:])
+    for tok in it:
+        value_flags = _VALUE_FLAGS - {"-f"} if words[:1] == ["logs"] else _VALUE_FLAGS  # logs -f: follow
+        if tok.startswith("-") and "=" in tok:
+            key, _, value = tok.partition("=")
+            flags.setdefault(key, []).append(value)
+        elif tok in value_flags:
+            flags.setdefault(tok, []).append(next(it, ""))
+        elif tok.startswith("-"):
+            flags.setdefault(tok, []).append("")
+        else:
+            words.append(tok)
+    return flags, words
+
+
+def _objects_in(rel: str, kustomize: bool) -> list[dict[str, Any]]:
+    assert rel, "no file or kustomization named"
+    target = (REPO / rel).resolve()
+    assert target.exists(), f"{rel}: no such path in the repository"
+    if not kustomize:
+        return _load_yaml(target)
+    docs: list[dict[str, Any]] = []
+    for _, path in _walk_kustomization(target):
+        docs += _load_yaml(path) if path.suffix in (".yaml", ".yml") else [{"kind": "ConfigMap"}]
+    return docs
+
+
+def _kubectl_problems(source: str, argv: list[str]) -> list[str]:
+    flags, words = _split_kubectl(argv)
+    where = f"{source}: `{' '.join(argv)}`"
+    namespaces = flags.get("-n", []) + flags.get("--namespace", [])
+    namespaced_ok = bool(namespaces) or "-A" in flags or "--all-namespaces" in flags
+    if not words:
+        return [f"{where}: no verb"] if len(argv) > 1 else []  # the bare word is a mention, not a command
+    verb, rest = words[0], words[1:]
+    problems: list[str] = []
+    ours: list[dict[str, Any]] = []
+    kinds: set[str] = set()
+    if verb in ("apply", "create", "delete", "replace") and (flags.keys() & {"-f", "-k", "--filename",
+                                                                               "--kustomize"}):
+        for flag in ("-f", "--filename", "-k", "--kustomize"):
+            for rel in flags.get(flag, []):
+                objs = _objects_in(rel, flag in ("-k", "--kustomize"))
+                ours += objs
+                kinds |= {d.get("kind", "") for d in objs}
+    elif verb in ("apply", "replace"):
+        return [f"{where}: applies nothing (name the file or kustomization)"]
+    elif verb == "create" and rest and RESOURCE_KINDS.get(rest[0]) == "Namespace":
+        if rest[1:] != [NAMESPACE]:
+            problems.append(f"{where}: the guide's namespace is {NAMESPACE!r}")
+        return problems
+    elif verb in ("get", "describe", "logs", "delete", "wait", "edit", "rollout", "patch", "port-forward"):
+        refs = rest[1:] if verb == "rollout" else rest
+        if refs and "/" in refs[0]:
+            kind_word, _, name = refs[0].partition("/")
+        else:
+            kind_word, name = (refs[0] if refs else ""), (refs[1] if len(refs) > 1 else "")
+        kind = RESOURCE_KINDS.get(kind_word.lower(), "Pod" if verb == "logs" and not name else "")
+        if verb == "logs" and "/" not in (refs[0] if refs else "/"):
+            kind, name = "Pod", kind_word
+        assert kind, f"{where}: unknown resource {kind_word!r}; add it to RESOURCE_KINDS"
+        kinds.add(kind)
+        defined = [d for d in _of_kind(kind) if d["metadata"]["name"] == name]
+        ours += defined
+        if verb == "logs" and kind == "Job":
+            if not defined:
+                problems.append(f"{where}: no Job {name!r} in k8s/")
+            else:
+                pod = defined[0]["spec"]["template"]["spec"]
+                names = [c["name"] for c in pod.get("initContainers", []) + pod["containers"]]
+                container = (flags.get("-c") or flags.get("--container") or [""])[0]
+                if len(names) > 1 and container not in names:
+                    problems.append(f"{where}: the Job's pod has containers {names}: name one with -c")
+        elif kind in ("InferenceService", "Job") and name and not defined:
+            problems.append(f"{where}: no {kind} {name!r} in k8s/")
+    else:
+        return []
+    if kinds - CLUSTER_SCOPED_KINDS and not namespaced_ok:
+        problems.append(f"{where}: namespaced objects ({sorted(kinds - CLUSTER_SCOPED_KINDS)}) need -n")
+    if ours and any(d.get("kind") not in CLUSTER_SCOPED_KINDS for d in ours) and namespaces != [NAMESPACE]:
+        problems.append(f"{where}: our objects live in -n {NAMESPACE}")
+    return problems
+
+
+def test_docs_kubectl_commands_name_the_namespace_paths_and_containers_of_the_manifests() -> None:
+    commands = _doc_commands()
+    sources = {src for src, _ in commands}
+    assert set(DOCS) <= sources and "k8s/jobs/kustomization.yaml" in sources
+    problems = [p for src, argv in commands for p in _kubectl_problems(src, argv)]
+    assert not problems, "\n".join(problems)
+    # Both guides apply the PVC, the weights Job and the service; the Job's log is followed by container.
+    for rel in DOCS:
+        text = " ".join(" ".join(argv) for src, argv in commands if src == rel)
+        for needed in ("apply -f k8s/storage/weights-pvc.yaml", "apply -k k8s/jobs/", "apply -k k8s/",
+                       "logs -f job/kandinsky-weights-download -c download"):
+            assert needed in text, f"{rel}: no `kubectl {needed} ...`"
+
+
+def test_the_docs_create_the_namespace_before_they_use_it() -> None:
+    for rel in (*DOCS, "k8s/jobs/kustomization.yaml"):
+        ordered = [argv for src, argv in _doc_commands() if src == rel]
+        created = [i for i, argv in enumerate(ordered) if argv[1:4] == ["create", "namespace", NAMESPACE]]
+        used = [i for i, argv in enumerate(ordered)
+                if NAMESPACE in _split_kubectl(argv)[0].get("-n", []) and argv[1] in ("apply", "create")]
+        assert created and used and created[0] < used[0], f"{rel}: create the namespace before applying"
+
+
+def test_the_command_check_catches_what_the_old_readme_did() -> None:
+    old = _kubectl_argvs("kubectl apply -f k8s/storage/weights-pvc.yaml && kubectl apply -k k8s/jobs/")
+    assert [bool(_kubectl_problems("old", argv)) for argv in old] == [True, True]
+    (logs,) = _kubectl_argvs("kubectl logs -f job/kandinsky-weights-download -n kandinsky   # progress")
+    assert "name one with -c" in "\n".join(_kubectl_problems("old", logs))
+    (wrong_ns,) = _kubectl_argvs("kubectl apply -k k8s/ -n default")
+    assert _kubectl_problems("old", wrong_ns)
+    (missing,) = _kubectl_argvs("kubectl apply -f k8s/storage/pvc.yaml -n kandinsky")
+    with pytest.raises(AssertionError, match="no such path"):
+        _kubectl_problems("old", missing)
+    (cluster,) = _kubectl_argvs("kubectl get nodes -L nvidia.com/gpu.product")
+    assert not _kubectl_problems("ok", cluster)
+
+
+def test_every_k8s_path_the_docs_name_exists() -> None:
+    for rel in DOCS:
+        for path in re.findall(r"\b(k8s/[\w./-]*[\w/])", _doc(rel)):
+            assert (REPO / path).exists(), f"{rel} names {path}, which does not exist"
+
+
+def test_deploy_guide_sets_front_timeouts_to_the_request_deadline() -> None:
+    deadline = int(_server_parser().get_default("request_timeout"))
+    text = re.sub(r"\s+", " ", _doc("docs/DEPLOY.md"))
+    para = next((p for p in text.split("**Timeouts in front of the service.**")[1:]), "")
+    assert "load balancer" in para and "ingress" in para, "DEPLOY.md must cover timeouts in front"
+    assert f"{deadline} s" in para and "job API" in para
+    readme = re.sub(r"\s+", " ", _doc("README.md"))
+    assert f"at least the {deadline} s request deadline" in readme
+    for isvc in _of_kind("InferenceService"):
+        assert f"`timeout: {isvc['spec']['predictor']['timeout']}`" in para
