@@ -58,6 +58,11 @@ docker-build-volta:
 		--build-arg TORCH_PIN=torch==2.10.0 \
 		--build-arg TORCHVISION_PIN=torchvision==0.25.0 .
 
+## fuzz: schemathesis against a real server on the tiny model (also part of make test)
+.PHONY: fuzz
+fuzz: $(VENV)/.installed
+	$(VENV)/bin/pytest -q tests/server/test_openapi_fuzz.py
+
 bench-decode: $(VENV)/.installed
 	$(PY) bench/decode.py
 bench-load: $(VENV)/.installed

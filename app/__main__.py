@@ -8,7 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from app.model import KandinskyModel, ServerSettings, configure_app
+from app.http import LockedRepository, configure_app
+from app.logs import LOG_FORMATS, configure_logging
+from app.model import KandinskyModel, ServerSettings
 
 log = logging.getLogger("app")
 
@@ -52,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--request_timeout", type=float, default=600.0, help="Server deadline per request in seconds (504)."
     )
     parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="Request body limit (413).")
+    parser.add_argument(
+        "--body_timeout", type=float, default=30.0, help="Seconds for a request body to arrive (408)."
+    )
+    parser.add_argument(
+        "--log_format",
+        default="text",
+        choices=list(LOG_FORMATS),
+        help="text: one human-readable line per record; json: one JSON object per line.",
+    )
     return parser
 
 
@@ -102,6 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "--queue_size": args.queue_size,
         "--request_timeout": args.request_timeout,
         "--max_body_bytes": args.max_body_bytes,
+        "--body_timeout": args.body_timeout,
     }
     for flag, value in positive.items():
         if not value > 0:
@@ -120,6 +132,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         queue_size=args.queue_size,
         request_timeout=args.request_timeout,
         max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
+        log_format=args.log_format,
     )
 
 
@@ -131,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_BAD_SETTINGS
 
-    # KServe configures only its own loggers (they do not propagate); ours go to the root handler.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # One format for our, KServe's and uvicorn's records, with client-controlled text escaped.
+    configure_logging(settings.log_format)
     # KServe 0.21 still returns ORJSONResponse, which this FastAPI deprecates on every request: log noise.
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
     import kserve
@@ -164,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         # uvicorn waits this long for in-flight requests after SIGTERM; each ends by its deadline anyway.
         grace_period=int(settings.request_timeout) + 5,
     )
+    # The repository extension would let any client unload or reload the one model this process serves
+    # (REST and gRPC alike); the locked one refuses, and the REST routes are not served at all.
+    server.model_repository_extension = LockedRepository(server.registered_models)
     configure_app(model_server.app, model)
     server.start([model])
     log.info("server stopped")

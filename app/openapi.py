@@ -29,7 +29,9 @@ from kserve.protocol.rest.v2_datamodels import (
     ListModelsResponse,
     ModelMetadataResponse,
     ModelReadyResponse,
+    ServerLiveResponse,
     ServerMetadataResponse,
+    ServerReadyResponse,
 )
 from pydantic import BaseModel, Field
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
@@ -66,7 +68,7 @@ class FailureBody(BaseModel):
 
 
 class HealthStatus(BaseModel):
-    status: str = Field(description='"alive" or "ready".', examples=["alive"])
+    status: str = Field(description='"alive".', examples=["alive"])
 
 
 class ModelCard(BaseModel):
@@ -175,14 +177,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("GET", "/v2/health/live"): Operation(
         "Liveness (v2)",
         "Health",
-        HealthStatus,
+        ServerLiveResponse,
         (503,),
         error_descriptions={503: "Not live: the model is not loaded."},
     ),
     ("GET", "/v2/health/ready"): Operation(
         "Readiness (v2)",
         "Health",
-        HealthStatus,
+        ServerReadyResponse,
         (503,),
         error_descriptions={503: "Not ready: the model is loading or the server is shutting down."},
     ),

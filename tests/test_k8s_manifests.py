@@ -311,12 +311,8 @@ def _served_routes() -> dict[str, set[str]]:
     from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
+    from app.http import configure_app
     from app.model import KandinskyModel, ServerSettings
-
-    try:  # the HTTP layer moved from app.model to app.http
-        from app.http import configure_app
-    except ImportError:
-        from app.model import configure_app  # type: ignore[attr-defined,no-redef]
 
     app = FastAPI()
     repo = ModelRepository()

@@ -27,7 +27,8 @@ from kserve.protocol.rest.server import RESTServer
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from app.model import KandinskyModel, ServerSettings, configure_app
+from app.http import configure_app
+from app.model import KandinskyModel, ServerSettings
 from app.pipeline import Pipeline
 from app.schema import CATALOG_EXAMPLE
 
@@ -332,7 +333,12 @@ async def test_unexpected_error_in_predict_is_500_without_the_prompt(served, mon
         (b'{"instances": "a"}', "instances"),
         (b"{}", "instances: is required"),
         (b"[1, 2]", "body: must be a JSON object"),
-        (b"garbage", "Unrecognized request format"),
+        (b"garbage", "body: not valid JSON: Expecting value at line 1 column 1"),
+        # Duplicate keys used to be served with the last value winning.
+        (b'{"instances": 5, "instances": [{"query": "a"}]}', "duplicate key 'instances'"),
+        (b'{"instances": [{"query": "a", "query": "b"}]}', "duplicate key 'query'"),
+        # The byte offset of the first invalid UTF-8 sequence: 17 = len(b'{"instances": [{"').
+        (b'{"instances": [{"\xff": 1}]}', "body: not valid UTF-8 at byte 17"),
     ],
 )
 async def test_bad_request_is_400_with_an_error_naming_the_field(served, content, needle):
@@ -344,11 +350,22 @@ async def test_bad_request_is_400_with_an_error_naming_the_field(served, content
     assert set(body) == {"error"} and needle in body["error"]
 
 
-async def test_non_json_content_type_is_still_validated(served):
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+async def test_non_json_content_type_is_415_naming_it(served, content_type):
     _, app = served
     async with client(app) as c:
         r = await c.post(
-            PREDICT, content=b'{"instances": [{"query": 5}]}', headers={"content-type": "text/plain"}
+            PREDICT, content=b'{"instances": [{"query": "a"}]}', headers={"content-type": content_type}
+        )
+    assert r.status_code == 415 and content_type in r.json()["error"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.api+json"])
+async def test_json_content_types_with_parameters_or_suffix_are_read(served, content_type):
+    _, app = served
+    async with client(app) as c:
+        r = await c.post(
+            PREDICT, content=b'{"instances": [{"query": 5}]}', headers={"content-type": content_type}
         )
     assert r.status_code == 400 and "instances[0].query" in r.json()["error"]
 
@@ -430,6 +447,22 @@ async def test_readiness_is_503_before_load_and_200_after(pipeline):
     assert after.status_code == 200 and after.json()["ready"] is True
     assert draining.status_code == 503
     assert predict_draining.status_code == 503 and predict_draining.headers["retry-after"]
+
+
+async def test_liveness_fails_whenever_the_model_is_not_loaded_or_its_worker_stopped(pipeline):
+    model = KandinskyModel(NAME, ServerSettings())
+    app = build_app(model)
+    async with client(app) as c:
+        before = [(await c.get(p)).status_code for p in ("/v2/health/live", "/v2/health/ready")]
+        model.attach(pipeline)
+        loaded = [(await c.get(p)).status_code for p in ("/v2/health/live", "/v2/health/ready")]
+        assert model.scheduler is not None
+        model.scheduler.stop(timeout=10)  # the GPU worker is gone: nothing would ever be answered
+        stopped = (await c.get("/v2/health/live")).status_code
+    model.stop()
+    assert before == [503, 503]
+    assert loaded == [200, 200]
+    assert stopped == 503
 
 
 async def test_request_that_cannot_finish_by_the_deadline_is_504(pipeline, scenario):
