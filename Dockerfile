@@ -49,7 +49,7 @@ RUN apt-get update \
     && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /srv
-# Code and the model.json templates (for `python -m app.weights download` in the weights Job) only;
+# Code and the model.json templates (for `python -m app.tools.weights download` in the weights Job) only;
 # .dockerignore keeps weights, tests and local state out of the build context. Owned by root and
 # read-only to the server's user.
 COPY app/ ./app/

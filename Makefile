@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install.sh
 
 tiny: $(TINY)/model.json
 $(TINY)/model.json: | $(VENV)/.installed
-	$(PY) -m app.tiny $(TINY)
+	$(PY) -m app.tools.tiny $(TINY)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check app tests bench
@@ -39,13 +39,13 @@ typecheck: $(VENV)/.installed
 
 ## generate: offline generation, e.g. make generate QUERY="синий кот" ARGS="--images_to_gen 4"
 generate: $(VENV)/.installed $(TINY)/model.json
-	$(PY) -m app.generate --model_dir $(or $(MODEL_DIR),$(TINY)) --query "$(QUERY)" --out out $(ARGS)
+	$(PY) -m app.tools.generate --model_dir $(or $(MODEL_DIR),$(TINY)) --query "$(QUERY)" --out out $(ARGS)
 
 ## weights: download the real weights of MODEL (kandinsky|malevich) into model_store/MODEL
 weights: $(VENV)/.installed
-	$(PY) -m app.weights download $(MODEL) --dest model_store/$(MODEL)
+	$(PY) -m app.tools.weights download $(MODEL) --dest model_store/$(MODEL)
 verify: $(VENV)/.installed
-	$(PY) -m app.weights verify model_store/$(MODEL)
+	$(PY) -m app.tools.weights verify model_store/$(MODEL)
 
 docker-build:
 	docker build -t $(IMAGE):$(VERSION) .
@@ -61,7 +61,7 @@ docker-build-volta:
 ## fuzz: schemathesis against a real server on the tiny model (also part of make test)
 .PHONY: fuzz
 fuzz: $(VENV)/.installed
-	$(VENV)/bin/pytest -q tests/server/test_openapi_fuzz.py
+	$(VENV)/bin/pytest -q tests/serving/test_openapi_fuzz.py
 
 bench-decode: $(VENV)/.installed
 	$(PY) bench/decode.py

@@ -8,9 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from app.http import LockedRepository, configure_app
-from app.logs import LOG_FORMATS, configure_logging
-from app.model import KandinskyModel, ServerSettings
+from app.serving.http import LockedRepository, configure_app
+from app.serving.logs import LOG_FORMATS, configure_logging
+from app.serving.model import KandinskyModel, ServerSettings
 
 log = logging.getLogger("app")
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_device(spec: str) -> str:
     """The --device flag, parsed by the same code that places the model, and checked against this host."""
-    from app.placement import parse_devices
+    from app.engine.placement import parse_devices
 
     if spec.strip().lower() == "auto":
         return "auto"
@@ -90,8 +90,8 @@ def check_device(spec: str) -> str:
 
 def check_dtype(spec: str, device: str) -> None:
     """The --dtype flag against the devices, by the same rule the pipeline resolves it with."""
-    from app.pipeline import resolve_dtype
-    from app.placement import parse_devices
+    from app.engine.pipeline import resolve_dtype
+    from app.engine.placement import parse_devices
 
     try:
         resolve_dtype(spec, parse_devices(device)[0])
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import kserve
     from kserve import model_server
 
-    from app.store import ModelStoreError
+    from app.engine.store import ModelStoreError
 
     model = KandinskyModel(args.model_name, settings)
     try:

@@ -1,11 +1,11 @@
-"""Load-memory benchmark: peak resident memory of ``app.store.load_dalle`` against the checkpoint size.
+"""Load-memory benchmark: peak resident memory of ``app.engine.store.load_dalle`` against the checkpoint size.
 
 Writes a random ruDALL-E checkpoint of about ``--size-gb`` in the published format (``torch.save`` of
 a state dict with upstream's tensor names and the three mask buffers, fp16 like the published files)
 plus a ``model.json``, then loads it in a fresh subprocess with the real loader (meta build,
 memory-mapped, tensor-by-tensor streaming) and reports:
 
-- start-up overhead: the subprocess's RSS after ``import torch, app.store``, before loading, and
+- start-up overhead: the subprocess's RSS after ``import torch, app.engine.store``, before loading, and
   apart from it the one-time cost of torch's first meta-device build;
 - load time and throughput (checkpoint GB / s), then a read of every parameter (a memory-mapped load is
   lazy: the read is what brings the weights in), timed separately;
@@ -61,7 +61,7 @@ def proc_status() -> dict[str, int]:
 
 def layers_for_size(size_gb: float, hidden: int, element_bytes: int = 2) -> int:
     """Layer count whose checkpoint (embeddings, layers, head) is closest to ``size_gb``, at least 1."""
-    from app.nets.dalle import DalleConfig
+    from app.engine.nets.dalle import DalleConfig
 
     base = DalleConfig(num_layers=1, hidden_size=hidden, num_attention_heads=16)
     two = DalleConfig(num_layers=2, hidden_size=hidden, num_attention_heads=16)
@@ -71,7 +71,7 @@ def layers_for_size(size_gb: float, hidden: int, element_bytes: int = 2) -> int:
 
 
 def checkpoint_bytes(cfg: Any, element_bytes: int = 2) -> int:
-    from app.nets.dalle import expected_dalle_tensors
+    from app.engine.nets.dalle import expected_dalle_tensors
 
     return sum(math.prod(s) for s in expected_dalle_tensors(cfg).values()) * element_bytes
 
@@ -80,7 +80,7 @@ def write_model_dir(root: Path, cfg: Any, seed: int) -> Path:
     """A model directory holding only what load_dalle reads: model.json and the fp16 checkpoint."""
     import torch
 
-    from app.nets.dalle import MASK_BUFFERS, build_mask, expected_dalle_tensors
+    from app.engine.nets.dalle import MASK_BUFFERS, build_mask, expected_dalle_tensors
 
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
@@ -107,12 +107,12 @@ def child(model_dir: str, device: str, dtype_name: str) -> dict[str, Any]:
     """Runs in the fresh subprocess: measure the import overhead, then load and read every weight."""
     import torch
 
-    import app.store as store
+    import app.engine.store as store
 
     overhead = proc_status()
     # torch initialises the meta device (and imports what it needs) on first use: a one-time cost of
     # every start-up, measured apart so that it is not mistaken for a copy of the weights.
-    from app.nets.dalle import DalleConfig, DalleModel
+    from app.engine.nets.dalle import DalleConfig, DalleModel
 
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.device, args.load_dtype)))
         return 0
 
-    from app.nets.dalle import DalleConfig
+    from app.engine.nets.dalle import DalleConfig
 
     layers = args.layers or layers_for_size(args.size_gb, args.hidden)
     cfg = DalleConfig(num_layers=layers, hidden_size=args.hidden, num_attention_heads=args.hidden // 128)

@@ -311,8 +311,8 @@ def _served_routes() -> dict[str, set[str]]:
     from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-    from app.http import configure_app
-    from app.model import KandinskyModel, ServerSettings
+    from app.serving.http import configure_app
+    from app.serving.model import KandinskyModel, ServerSettings
 
     app = FastAPI()
     repo = ModelRepository()
@@ -692,7 +692,7 @@ def _dockerignored(rel: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_weights_and_local_state_out_but_sends_what_the_build_copies() -> None:
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    for rel in ("requirements.txt", "scripts/install.sh", "app/__main__.py", "app/weights.py",
+    for rel in ("requirements.txt", "scripts/install.sh", "app/__main__.py", "app/tools/weights.py",
                 "model_store/kandinsky/model.json", "model_store/malevich/model.json"):
         assert not _dockerignored(rel, patterns), f"{rel} is needed by the build"
     for rel in (".venv/bin/python", ".git/HEAD", "model_store/kandinsky/rudalle_kandinsky.bin",
@@ -737,7 +737,7 @@ def test_images_follow_the_makefile_tag_convention() -> None:
 
 
 def test_weights_job_runs_real_weights_tool_commands() -> None:
-    from app import weights
+    from app.tools import weights
 
     jobs = _of_kind("Job")
     assert jobs
@@ -749,7 +749,7 @@ def test_weights_job_runs_real_weights_tool_commands() -> None:
         for c in pod.get("initContainers", []) + pod["containers"]:
             for cmd in " ".join(c["args"]).split("&&"):
                 argv = shlex.split(cmd)
-                assert argv[:3] == ["python", "-m", "app.weights"], cmd
+                assert argv[:3] == ["python", "-m", "app.tools.weights"], cmd
                 parsed = parser.parse_args(argv[3:])
                 commands.append(parsed.command)
                 target = getattr(parsed, "dest", None) or parsed.model_dir
@@ -764,10 +764,10 @@ def test_weights_job_runs_real_weights_tool_commands() -> None:
 
 @cache
 def _server_metrics() -> dict[str, tuple[str, frozenset[str]]]:
-    """Every series name the server exports -> (family, label names), from app.metrics itself."""
+    """Every series name the server exports -> (family, label names), from app.serving.metrics itself."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    import app.metrics as metrics
+    import app.serving.metrics as metrics
 
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count",
                 "_created"), "summary": ("_sum", "_count", "_created")}
@@ -778,7 +778,7 @@ def _server_metrics() -> dict[str, tuple[str, frozenset[str]]]:
             for family in value.describe():
                 for suffix in suffixes[family.type]:
                     out[family.name + suffix] = (family.name, labels)
-    assert out, "app.metrics defines no metrics"
+    assert out, "app.serving.metrics defines no metrics"
     return out
 
 

@@ -1,0 +1,596 @@
+"""Fast image-token decoder for ruDALL-E: preallocated KV caches, one token per step.
+
+The text is prefilled once per request of a chunk; its keys and values are copied into the cache rows
+of that request's images. Each step then embeds only the newest image token, runs it through every
+layer against the cache (the layer's boolean mask row for that position), and computes only the image
+columns of ``to_logits`` for that position.
+
+Row-mask layers see text keys and the last ``row_window(cfg)`` positions only, so with ``windowed=True``
+they keep a ring buffer of that many positions after the text instead of the whole sequence.
+
+Sequence positions: image token j sits at position ``n_text + j`` and is sampled from the logits at
+position ``n_text + j - 1`` (token 0 from the last text position). The last token is never fed back.
+
+Randomness is one uniform per (image, step), drawn on the CPU from the request's seed, so an image's
+tokens do not depend on which other rows share its batch, chunk or micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from app.engine.nets.dalle import DalleLayer, DalleModel, attention, build_mask, layer_mask_kind, row_window
+from app.engine.params import SEED_MAX
+
+log = logging.getLogger(__name__)
+
+
+#: The progress callback: gets the decode steps done so far, returns the indices of the requests to
+#: stop (their rows leave the batch at once; the other rows go on with unchanged codes), or None.
+OnStep = Callable[[int], Collection[int] | None]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    top_k: int
+    top_p: float
+    temperature: float
+
+
+@dataclass
+class GenerationRequest:
+    text_ids: torch.Tensor  # [text_seq_length], from Tokenizer.encode (pads = 0, no v2 prefix)
+    num_images: int
+    sampling: SamplingParams
+    seed: int
+
+
+@dataclass
+class GenerationOutput:
+    codes: torch.Tensor  # [num_images, image_seq_length] long, CPU
+    ppl: torch.Tensor  # [num_images] float32, CPU
+
+
+def request_uniforms(seed: int, num_images: int, image_seq_length: int) -> torch.Tensor:
+    """The uniforms of one request, [num_images, image_seq_length] float32 on the CPU.
+
+    Image i's token at step s is drawn with ``u[i, s]``; this is the whole definition of a seed.
+    """
+    gen = torch.Generator("cpu").manual_seed(seed)
+    return torch.rand(num_images, image_seq_length, generator=gen)
+
+
+def _filter_sorted(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k (ties kept), then HF-classic top-p, all per row, in sorted order.
+
+    logits [B, V] float32; temperature [B] float; top_k [B] long in 1..V; top_p [B] float in (0, 1].
+    Returns (filtered logits sorted descending with removed entries at -inf [B, V], their token ids [B, V]).
+    The kept tokens are always a non-empty prefix of the sorted order. The sort is stable, so ties are
+    ordered by token id and the first entry is the argmax.
+    """
+    x = logits / temperature[:, None]  # [B, V]
+    sorted_x, ids = torch.sort(x, dim=-1, descending=True, stable=True)  # [B, V] each
+    kth = sorted_x.gather(1, (top_k - 1)[:, None])  # [B, 1]
+    # Everything below the k-th largest goes; values equal to it stay (HF keeps ties).
+    sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
+    cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
+    over = (cum > top_p[:, None]) & (top_p[:, None] < 1.0)  # HF applies top-p only when top_p < 1
+    # Shift right: the first token that crosses top_p is kept, and so always at least one token.
+    remove = torch.cat((torch.zeros_like(over[:, :1]), over[:, :-1]), dim=1)  # [B, V]
+    return sorted_x.masked_fill(remove, -math.inf), ids
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """``logits / temperature`` with the tokens removed by top-k then top-p set to -inf, [B, V] float32.
+
+    The same filtering ``sample_tokens`` applies (HF's classic ``top_k_top_p_filtering``, per row).
+    """
+    sorted_x, ids = _filter_sorted(logits.float(), temperature, top_k, top_p)
+    return torch.full_like(sorted_x, -math.inf).scatter(1, ids, sorted_x)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    u: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling of the filtered distribution, [B] long.
+
+    logits [B, V]; u [B] uniforms in [0, 1). The CDF runs over the kept tokens in descending logit
+    order (ties by token id). Rows with top_k == 1 take the argmax exactly. No host sync.
+    """
+    sorted_x, ids = _filter_sorted(logits.float(), temperature, top_k, top_p)  # [B, V] each
+    cdf = sorted_x.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
+    kept = (sorted_x > -math.inf).sum(dim=-1)  # [B], >= 1
+    pick = torch.searchsorted(cdf, u[:, None].to(cdf.dtype).contiguous(), right=True)[:, 0]  # [B]
+    # Rounding can leave the last cumulative value below u: fall back to the last kept token.
+    pick = torch.minimum(pick, kept - 1)
+    tokens = ids.gather(1, pick[:, None])[:, 0]  # [B]
+    return torch.where(top_k == 1, ids[:, 0], tokens)
+
+
+@dataclass
+class _LayerPlan:
+    index: int
+    device: torch.device
+    kind: str
+    windowed: bool
+    cache_len: int
+
+
+@dataclass
+class _Segment:
+    """Consecutive pieces of the step on one device; the unit of CUDA graph capture."""
+
+    device: torch.device
+    has_embed: bool
+    layers: list[int]
+    has_head: bool
+    capturable: bool
+
+
+@dataclass
+class _Group:
+    """A micro-batch: rows [r0, r1) of the current chunk."""
+
+    r0: int
+    r1: int
+
+
+class _CapturedSegment:
+    """One segment of the one-token step for one micro-batch, recorded as a CUDA graph."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor) -> None:
+        device = example.device
+        self.static_in = example.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        # Warm-up outside the graph (lazy kernels, workspaces); it writes the cache slot of the
+        # position in the static buffer, which the real replay of that step overwrites first.
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(self.static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # A private memory pool per graph: micro-batch graphs replay interleaved with reads of each
+        # other's outputs, so a shared pool could hand one graph's scratch space to another's output.
+        with torch.cuda.graph(self.graph, stream=side):
+            self.static_out = fn(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x if x.device == device else x.to(device, non_blocking=True)
+
+
+class ImageTokenDecoder:
+    """Samples image tokens for batches of requests with a KV-cached one-token step.
+
+    ``max_batch_images`` bounds the rows decoded together (a chunk); ``windowed`` keeps only a ring
+    of the last ``row_window`` positions for row-mask layers; ``microbatches`` splits a chunk into
+    groups advanced in lockstep so that layers on different GPUs work on different groups at once;
+    ``compile_step`` records the one-token step as CUDA graphs (ignored without CUDA).
+    """
+
+    #: ``on_step`` is called at most once per this many decode steps (and after the last one).
+    progress_every = 32
+    #: Captured step graphs kept at most (micro-batches x segments x distinct chunk sizes).
+    max_graphs = 64
+
+    def __init__(self, model: DalleModel, max_batch_images: int, *, windowed: bool = True,
+                 microbatches: int = 1, compile_step: bool = False) -> None:
+        if not _positive_int(max_batch_images):
+            raise ValueError(f"max_batch_images must be a positive integer, got {max_batch_images!r}")
+        if not _positive_int(microbatches):
+            raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
+        self.model = model
+        self.cfg = cfg = model.cfg
+        self.max_batch_images = max_batch_images
+        self.microbatches = microbatches
+        self.n_text = cfg.n_text
+        # Positions ever fed through the layers: the text, then every image token but the last.
+        self.seq_fed = cfg.n_text + cfg.image_seq_length - 1
+        self.window = row_window(cfg)
+        self.windowed = windowed and self._row_mask_is_windowed()
+        if windowed and not self.windowed:
+            log.warning("row mask is not a sliding window for this config; keeping full caches")
+
+        self.embed_device = _device_of(model.image_embeddings)
+        self.head_device = _device_of(model.to_logits)
+        self.blocks = [cast(DalleLayer, layer) for layer in model.transformer.layers]
+        self.layers: list[_LayerPlan] = []
+        for i, layer in enumerate(self.blocks):
+            kind = layer_mask_kind(i, cfg.num_layers)
+            win = self.windowed and kind == "row"
+            cache_len = cfg.text_seq_length + self.window if win else self.seq_fed
+            self.layers.append(_LayerPlan(i, _device_of(layer), kind, win, cache_len))
+        self.segments = self._plan_segments()
+        self._masks: dict[tuple[str, bool, torch.device], torch.Tensor] = {}
+        self._slots: dict[tuple[bool, torch.device], torch.Tensor] = {}
+        self._positions: dict[torch.device, torch.Tensor] = {}
+        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cache_rows = 0
+
+        devices = {self.embed_device, self.head_device, *(lp.device for lp in self.layers)}
+        self.compile_step = compile_step and all(d.type == "cuda" for d in devices)
+        if compile_step and not self.compile_step:
+            log.info("compile_step: the model is not entirely on CUDA devices, step capture skipped")
+        # (group bounds, segment index) -> the captured graph of that segment for that micro-batch.
+        self.step_graphs: dict[tuple[int, int, int], _CapturedSegment] = {}
+        self._static_pos: dict[torch.device, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------------- planning
+
+    def _row_mask_is_windowed(self) -> bool:
+        cfg, w = self.cfg, self.window
+        mask = build_mask("row", cfg)[: self.seq_fed, : self.seq_fed]  # [S, S]
+        q = torch.arange(self.seq_fed)[:, None]
+        k = torch.arange(self.seq_fed)[None, :]
+        outside = (k >= cfg.text_seq_length) & (k <= q - w)  # image keys older than the window
+        return not bool((mask & outside).any())
+
+    def _plan_segments(self) -> list[_Segment]:
+        m = self.model
+        embed_ok = len({_device_of(m.image_embeddings), _device_of(m.image_row_embeddings),
+                        _device_of(m.image_col_embeddings)}) == 1
+        head_ok = _device_of(m.transformer.final_layernorm) == self.head_device
+        segments = [_Segment(self.embed_device, True, [], False, embed_ok)]
+        for lp in self.layers:
+            if lp.device != segments[-1].device:
+                segments.append(_Segment(lp.device, False, [], False, True))
+            segments[-1].layers.append(lp.index)
+        if self.head_device != segments[-1].device:
+            segments.append(_Segment(self.head_device, False, [], False, True))
+        segments[-1].has_head = True
+        segments[-1].capturable = segments[-1].capturable and head_ok
+        return segments
+
+    def _mask_table(self, kind: str, windowed: bool, device: torch.device) -> torch.Tensor:
+        """[seq_fed, cache_len] bool: which cache slots the query at each position may read."""
+        key = (kind, windowed, device)
+        table = self._masks.get(key)
+        if table is None:
+            s, t, w = self.seq_fed, self.cfg.text_seq_length, self.window
+            mask = build_mask(kind, self.cfg)[:s, :s]  # type: ignore[arg-type]  # [S, S]
+            if windowed:
+                p = torch.arange(s)[:, None]  # [S, 1]
+                slot = torch.arange(w)[None, :]  # [1, W]
+                held = p - (p - t - slot) % w  # [S, W], newest position <= p stored in each ring slot
+                seen = (held >= t) & mask.gather(1, held.clamp(min=0))  # [S, W]
+                table = torch.cat((mask[:, :t], seen), dim=1)  # [S, t + W]
+            else:
+                table = mask
+            table = table.contiguous().to(device)
+            self._masks[key] = table
+        return table
+
+    def _slot_table(self, windowed: bool, device: torch.device) -> torch.Tensor:
+        """[seq_fed] long: the cache slot that stores each position."""
+        key = (windowed, device)
+        table = self._slots.get(key)
+        if table is None:
+            t = self.cfg.text_seq_length
+            table = torch.arange(self.seq_fed)
+            if windowed:
+                table = torch.where(table < t, table, t + (table - t) % self.window)
+            table = table.to(device)
+            self._slots[key] = table
+        return table
+
+    def _position_table(self, device: torch.device) -> torch.Tensor:
+        table = self._positions.get(device)
+        if table is None:
+            table = torch.arange(self.seq_fed, device=device)
+            self._positions[device] = table
+        return table
+
+    def _ensure_caches(self, rows: int) -> None:
+        if self._cache_rows >= rows:
+            return
+        cfg = self.cfg
+        # Drop the old caches first (their memory is needed) and mark them gone, so an allocation
+        # that runs out of memory halfway leaves a decoder that reallocates next time, not a torn one.
+        self.release_caches()
+        caches = []
+        for lp, layer in zip(self.layers, self.blocks):
+            dtype = layer.attention.query_key_value.weight.dtype
+            shape = (rows, cfg.num_attention_heads, lp.cache_len, cfg.head_dim)  # [B, nh, S_cache, hd]
+            # Zeros, not empty: masked slots still enter the attention product, and 0 * NaN is NaN.
+            caches.append((torch.zeros(shape, dtype=dtype, device=lp.device),
+                           torch.zeros(shape, dtype=dtype, device=lp.device)))
+        self._caches = caches
+        self._cache_rows = rows
+
+    def release_caches(self) -> None:
+        """Free the KV caches and the captured graphs that point into them; the next call reallocates."""
+        self.step_graphs.clear()  # graphs hold the cache addresses
+        self._caches = []
+        self._cache_rows = 0
+
+    # ----------------------------------------------------------------------------------- validation
+
+    def _check_request(self, n: int, req: GenerationRequest) -> None:
+        cfg = self.cfg
+        ids = req.text_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.shape[0] != cfg.text_seq_length:
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"requests[{n}].text_ids must be a [{cfg.text_seq_length}] tensor, got {shape}")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise ValueError(f"requests[{n}].text_ids must hold integer ids, got {ids.dtype}")
+        if not _positive_int(req.num_images):
+            raise ValueError(f"requests[{n}].num_images must be a positive integer, got {req.num_images!r}")
+        sp = req.sampling
+        if not (_positive_int(sp.top_k) and sp.top_k <= cfg.image_vocab_size):
+            raise ValueError(
+                f"requests[{n}].sampling.top_k must be in 1..{cfg.image_vocab_size}, got {sp.top_k!r}"
+            )
+        if not (isinstance(sp.top_p, (int, float)) and 0 < sp.top_p <= 1):
+            raise ValueError(f"requests[{n}].sampling.top_p must be in (0, 1], got {sp.top_p!r}")
+        if not (isinstance(sp.temperature, (int, float)) and 0 < sp.temperature < math.inf):
+            raise ValueError(f"requests[{n}].sampling.temperature must be positive and finite, "
+                             f"got {sp.temperature!r}")
+        if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= SEED_MAX:
+            raise ValueError(f"requests[{n}].seed must be an integer in 0..{SEED_MAX}, got {req.seed!r}")
+
+    # ----------------------------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest],
+                 on_step: OnStep | None = None) -> list[GenerationOutput | None]:
+        """Sample ``num_images`` image-token grids per request; same seed, same codes in any batch.
+
+        ``on_step(n)`` receives the number of decode steps done so far, summed over chunks, at most
+        every ``progress_every`` steps; it gets a Python int and never forces a device sync. The
+        request indices it returns are stopped there: their rows leave the batch (the others go on,
+        with the codes they would have had anyway) and their output is None.
+        """
+        for n, req in enumerate(requests):
+            self._check_request(n, req)
+        if not requests:
+            return []
+        seq = self.cfg.image_seq_length
+        # One row per image: (request index, image index), in request order.
+        rows = [(r, i) for r, req in enumerate(requests) for i in range(req.num_images)]
+        uniforms = [request_uniforms(req.seed, req.num_images, seq) for req in requests]
+        codes_out = [torch.empty(req.num_images, seq, dtype=torch.long) for req in requests]
+        ppl_out = [torch.empty(req.num_images, dtype=torch.float32) for req in requests]
+        stopped: set[int] = set()
+        self._ensure_caches(min(self.max_batch_images, len(rows)))
+
+        steps_done = 0
+        for c0 in range(0, len(rows), self.max_batch_images):
+            chunk = [row for row in rows[c0 : c0 + self.max_batch_images] if row[0] not in stopped]
+            if not chunk:
+                continue  # every row of this chunk belongs to stopped requests: no GPU time for it
+
+            def tick(steps: int, steps_before: int = steps_done) -> set[int]:
+                if on_step is not None:
+                    stopped.update(on_step(steps_before + steps) or ())
+                return stopped
+
+            done, codes, ppl = self._decode_chunk(requests, chunk, uniforms, tick)
+            steps_done += seq
+            for k, (r, i) in enumerate(done):
+                codes_out[r][i] = codes[k]
+                ppl_out[r][i] = ppl[k]
+        return [None if r in stopped else GenerationOutput(codes=c, ppl=p)
+                for r, (c, p) in enumerate(zip(codes_out, ppl_out))]
+
+    def _decode_chunk(self, requests: Sequence[GenerationRequest], chunk: list[tuple[int, int]],
+                      uniforms: list[torch.Tensor], tick: Callable[[int], set[int]],
+                      ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+        """Decode the rows of one chunk: the rows that ran to the end (those of requests that ``tick``
+        stopped leave early), their codes [B, image_seq_length] and ppl [B] on the CPU.
+        """
+        seq, head = self.cfg.image_seq_length, self.head_device
+        b = len(chunk)
+        req_ids = sorted({r for r, _ in chunk})
+        local = {r: n for n, r in enumerate(req_ids)}
+        row_req = torch.tensor([local[r] for r, _ in chunk])  # [B], index into this chunk's requests
+
+        first_logits = self._prefill(requests, req_ids, row_req)  # [B, iv] fp32 on head
+        u = torch.stack([uniforms[r][i] for r, i in chunk], dim=1)  # [steps, B], a step's row contiguous
+        u = u.to(head)
+        temperature = torch.tensor([requests[r].sampling.temperature for r, _ in chunk],
+                                   dtype=torch.float32).to(head)
+        top_k = torch.tensor([requests[r].sampling.top_k for r, _ in chunk]).to(head)
+        top_p = torch.tensor([requests[r].sampling.top_p for r, _ in chunk], dtype=torch.float32).to(head)
+
+        codes = torch.empty(seq, b, dtype=torch.long, device=head)  # [steps, B]
+        ppl_sum = torch.zeros(b, dtype=torch.float32, device=head)
+        ppl_count = torch.zeros(b, dtype=torch.float32, device=head)
+        groups = self._groups(b)
+        logits = [first_logits[g.r0 : g.r1] for g in groups]  # per group [Bg, iv] fp32
+
+        for step in range(seq):
+            for n, g in enumerate(groups):
+                rs = slice(g.r0, g.r1)
+                tok = sample_tokens(logits[n], u[step, rs], temperature[rs], top_k[rs], top_p[rs])  # [Bg]
+                if step > 0:
+                    # Upstream's ppl: exp(CE) of the raw logits over image tokens 1.., exact zeros excluded.
+                    # Always the logits that sampled the token (upstream's v2 second pass is off by one).
+                    ce = F.cross_entropy(logits[n], tok, reduction="none")  # [Bg]
+                    nonzero = ce != 0
+                    ppl_sum[rs] += torch.where(nonzero, ce.exp(), torch.zeros_like(ce))
+                    ppl_count[rs] += nonzero
+                codes[step, rs] = tok
+                if step + 1 < seq:
+                    logits[n] = self._forward_token(g, tok, self.n_text + step)
+            if (step + 1) % self.progress_every == 0 or step + 1 == seq:
+                stopped = tick(step + 1)
+                keep = [k for k, (r, _) in enumerate(chunk) if r not in stopped]
+                if len(keep) < len(chunk):
+                    if not keep or step + 1 == seq:
+                        chunk = [chunk[k] for k in keep]
+                        codes, ppl_sum, ppl_count = codes[:, keep], ppl_sum[keep], ppl_count[keep]
+                        break
+                    # Move the surviving rows to the front of the caches and of every per-row tensor.
+                    # Each row's randomness is its own, so the survivors' codes do not change.
+                    idx = torch.tensor(keep)
+                    self._compact_caches(idx, len(chunk))
+                    head_idx = idx.to(head)
+                    all_logits = torch.cat(logits).index_select(0, head_idx)  # [B', iv]
+                    u, codes = u[:, head_idx], codes[:, head_idx]
+                    temperature, top_k, top_p = temperature[head_idx], top_k[head_idx], top_p[head_idx]
+                    ppl_sum, ppl_count = ppl_sum[head_idx], ppl_count[head_idx]
+                    chunk = [chunk[k] for k in keep]
+                    groups = self._groups(len(chunk))
+                    logits = [all_logits[g.r0 : g.r1] for g in groups]
+
+        # A row whose every CE was exactly zero was certain throughout: its ppl is exp(0) = 1.
+        ppl = torch.where(ppl_count > 0, ppl_sum / ppl_count.clamp(min=1), torch.ones_like(ppl_sum))
+        return chunk, codes.t().cpu(), ppl.cpu()
+
+    def _compact_caches(self, keep: torch.Tensor, rows: int) -> None:
+        """Copy cache rows ``keep`` (ascending indices into the first ``rows``) to the front."""
+        for lp, (k_cache, v_cache) in zip(self.layers, self._caches):
+            idx = keep.to(lp.device)
+            k_cache[: len(keep)] = k_cache[:rows].index_select(0, idx)
+            v_cache[: len(keep)] = v_cache[:rows].index_select(0, idx)
+
+    def _groups(self, b: int) -> list[_Group]:
+        m = min(self.microbatches, b)
+        bounds = [b * k // m for k in range(m + 1)]
+        return [_Group(bounds[k], bounds[k + 1]) for k in range(m)]
+
+    def _prefill(self, requests: Sequence[GenerationRequest], req_ids: list[int],
+                 row_req: torch.Tensor) -> torch.Tensor:
+        """Run each request's text once, copy its K/V into its rows' caches; first-token logits [B, iv]."""
+        model, n_text, b = self.model, self.n_text, row_req.shape[0]
+        text = torch.stack([requests[r].text_ids.long() for r in req_ids])  # [R, text_seq_length]
+        x = model.embed_text(text)  # [R, n_text, h]
+        for lp, layer in zip(self.layers, self.blocks):
+            dev = lp.device
+            x = _to(x, dev)
+            q, k, v = layer.qkv(layer.input_layernorm(x))  # each [R, nh, n_text, hd]
+            x = x + layer.attn_out(attention(q, k, v, model.layer_mask(lp.index, dev)[:n_text, :n_text]))
+            x = layer.mlp_block(x)
+            rows = _to(row_req, dev)
+            slots = self._slot_table(lp.windowed, dev)[:n_text]
+            k_cache, v_cache = self._caches[lp.index]
+            k_cache[:b].index_copy_(2, slots, k.index_select(0, rows))
+            v_cache[:b].index_copy_(2, slots, v.index_select(0, rows))
+        logits = self._head(x[:, -1:])  # [R, iv]
+        return logits.index_select(0, _to(row_req, logits.device))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, 1, h] -> image logits [B, iv] float32 (only the image columns are computed)."""
+        m, iv = self.model, self.cfg.image_vocab_size
+        x = m.transformer.final_layernorm(_to(x, _device_of(m.transformer.final_layernorm)))
+        x = m.to_logits[0](_to(x, self.head_device))
+        proj = cast(torch.nn.Linear, m.to_logits[1])
+        return F.linear(x[:, -1], proj.weight[-iv:], proj.bias[-iv:]).float()  # [B, iv]
+
+    # ----------------------------------------------------------------------------------- the step
+
+    def _forward_token(self, g: _Group, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Feed tokens [Bg] at sequence position ``pos``; returns the next image logits [Bg, iv] fp32."""
+        x = tokens
+        if self.compile_step:
+            if not self._static_pos:
+                for dev in {seg.device for seg in self.segments}:
+                    self._static_pos[dev] = torch.zeros(1, dtype=torch.long, device=dev)
+            for dev, buf in self._static_pos.items():
+                buf.copy_(self._position_table(dev)[pos : pos + 1])
+            for n, seg in enumerate(self.segments):
+                x = _to(x, seg.device)
+                if not seg.capturable:
+                    x = self._segment(g, seg, x, None)
+                    continue
+                try:
+                    graph = self._captured(g, n, x)
+                except torch.cuda.OutOfMemoryError:
+                    raise  # the caller splits the batch and retries; capture itself is not at fault
+                except Exception:
+                    # A capture that fails (driver, allocator, an op that cannot be captured) must cost
+                    # speed, not requests: finish this step and every later one eagerly.
+                    log.exception("decode step capture failed; continuing without CUDA graphs")
+                    self.compile_step = False
+                    self.step_graphs.clear()
+                    for rest in self.segments[n:]:
+                        x = self._segment(g, rest, _to(x, rest.device), pos)
+                    return x
+                x = graph(x)
+            return x
+        for seg in self.segments:
+            x = self._segment(g, seg, _to(x, seg.device), pos)
+        return x
+
+    def _segment(self, g: _Group, seg: _Segment, x: torch.Tensor, pos: int | None) -> torch.Tensor:
+        """One device's part of the step. ``pos`` None reads the position from the static buffer
+        (graph capture) and attends over whole caches; an int slices full caches to the visible prefix.
+        """
+        dev = seg.device
+        pos_t = (self._static_pos[dev] if pos is None
+                 else self._position_table(dev)[pos : pos + 1])  # [1] long on dev
+        if seg.has_embed:
+            x = self.model.embed_image(x[:, None], start=pos_t - self.n_text)  # [Bg, 1, h]
+        slots: dict[bool, torch.Tensor] = {}
+        masks: dict[tuple[str, bool], torch.Tensor] = {}
+        for i in seg.layers:
+            lp, layer = self.layers[i], self.blocks[i]
+            if lp.windowed not in slots:
+                slots[lp.windowed] = self._slot_table(lp.windowed, dev).index_select(0, pos_t)  # [1]
+            if (lp.kind, lp.windowed) not in masks:
+                table = self._mask_table(lp.kind, lp.windowed, dev)
+                masks[lp.kind, lp.windowed] = (table.index_select(0, pos_t) if pos is None
+                                               else table[pos : pos + 1])  # [1, cache_len]
+            k_cache, v_cache = self._caches[i]
+            k_cache, v_cache = k_cache[g.r0 : g.r1], v_cache[g.r0 : g.r1]  # [Bg, nh, cache_len, hd]
+            mask = masks[lp.kind, lp.windowed]
+            q, k, v = layer.qkv(layer.input_layernorm(x))  # each [Bg, nh, 1, hd]
+            k_cache.index_copy_(2, slots[lp.windowed], k)
+            v_cache.index_copy_(2, slots[lp.windowed], v)
+            if pos is not None and not lp.windowed:
+                # Full cache: keys after pos are not written yet and are masked anyway; skip them.
+                visible = pos + 1
+                k_cache, v_cache, mask = k_cache[:, :, :visible], v_cache[:, :, :visible], mask[:, :visible]
+            x = x + layer.attn_out(attention(q, k_cache, v_cache, mask))
+            x = layer.mlp_block(x)
+        if seg.has_head:
+            x = self._head(x)
+        return x
+
+    def _captured(self, g: _Group, n: int, x: torch.Tensor) -> _CapturedSegment:
+        """The CUDA graph of segment ``n`` for micro-batch ``g``, recorded on first use."""
+        key = (g.r0, g.r1, n)
+        graph = self.step_graphs.get(key)
+        if graph is None:
+            if len(self.step_graphs) >= self.max_graphs:
+                # Every distinct chunk size records its own graphs, each holding a private memory pool:
+                # start over rather than let a long-running server accumulate one per batch size seen.
+                log.info("decode step: %d captured graphs, releasing them", len(self.step_graphs))
+                self.step_graphs.clear()
+            seg = self.segments[n]
+            log.info("capturing the decode step: rows %d..%d, segment %d on %s", g.r0, g.r1, n, seg.device)
+            # Capture on the segment's own GPU: torch's default capture stream belongs to the current
+            # device, which for the later stages of a multi-GPU split is another one.
+            with torch.cuda.device(seg.device):
+                graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x)
+            self.step_graphs[key] = graph
+        return graph

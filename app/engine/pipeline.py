@@ -1,0 +1,299 @@
+"""One batch of jobs: tokenize -> sample tokens -> VQ-GAN decode -> ruCLIP rank -> upscale -> encode.
+
+The pipeline is synchronous and owns no threads: the scheduler calls `Pipeline.run` from its single GPU
+worker thread with the jobs it merged into one batch. Every stage is a short function that returns a
+named result, so a reader can follow the data path top to bottom.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.engine import placement, store
+from app.engine.nets.clip import ClipRanker
+from app.engine.nets.dalle import DalleModel
+from app.engine.nets.decoding import (
+    GenerationOutput,
+    GenerationRequest,
+    ImageTokenDecoder,
+    OnStep,
+    SamplingParams,
+)
+from app.engine.nets.realesrgan import RRDBNet, upscale_batch
+from app.engine.nets.vqgan import VQGANDecoder
+from app.engine.params import FORMATS, STAGES, GenerationParams
+from app.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Job:
+    query: str
+    params: GenerationParams
+
+
+@dataclass
+class JobResult:
+    images: list[str]  # base64, best CLIP score first
+    clip_scores: list[float]
+    ppl: list[float]
+    seed: int
+    timings: dict[str, float]
+    codes: list[list[int]]  # image token codes of the kept images, same order
+
+
+@dataclass
+class Ranked:
+    order: list[int]  # indices into the generated images, best first, cut to images_to_cherry_pick
+    scores: list[float]
+
+
+@dataclass
+class _JobState:
+    """What one job has accumulated while its batch moves through the stages."""
+
+    job: Job
+    output: GenerationOutput | None = None
+    pixels: torch.Tensor | None = None  # uint8 [n, H, W, 3]
+    ranked: Ranked | None = None
+    kept: list[np.ndarray] = field(default_factory=list)  # uint8 [H, W, 3] each, best first
+    encoded: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+
+
+def resolve_dtype(spec: str | torch.dtype | None, device: str) -> torch.dtype:
+    """`auto`: fp32 on the CPU, fp16 on CUDA, the precision ruDALL-E runs its published weights in
+    (with the attention-output clamp). bf16 is there on request, from Ampere (compute capability 8) on.
+    """
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if spec not in DTYPES:
+        raise ValueError(f"dtype: {spec!r} is not one of auto, {', '.join(DTYPES)}")
+    if spec != "fp32" and not device.startswith("cuda"):
+        raise ValueError(f"dtype: {spec} needs a CUDA device; the CPU runs fp32")
+    if spec == "bf16" and torch.cuda.get_device_capability(torch.device(device))[0] < 8:
+        raise ValueError(f"dtype: bf16 needs compute capability 8.0 or later (Ampere); {device} has less")
+    return DTYPES[spec]
+
+
+class Pipeline:
+    """Every network of one model directory, placed on its devices, and the batch path through them."""
+
+    def __init__(
+        self,
+        manifest: store.Manifest,
+        tokenizer: Tokenizer,
+        dalle: DalleModel,
+        decoder: ImageTokenDecoder,
+        vqgan: VQGANDecoder,
+        realesrgan: RRDBNet,
+        clip: ClipRanker,
+        plan: placement.PlacementPlan,
+        dtype: torch.dtype,
+    ) -> None:
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.dalle = dalle
+        self.decoder = decoder
+        self.vqgan = vqgan
+        self.realesrgan = realesrgan
+        self.clip = clip
+        self.plan = plan
+        self.dtype = dtype
+        self.main_device = torch.device(plan.main_device)
+        self.image_vocab_size = manifest.dalle.image_vocab_size
+
+    @property
+    def max_batch_images(self) -> int:
+        """Images decoded together: the memory-derived limit the scheduler merges requests up to."""
+        return self.decoder.max_batch_images
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        max_batch_images: int | None = None,
+    ) -> Pipeline:
+        """Load and place every component of `model_dir`; raises store.ModelStoreError naming the bad file."""
+        t0 = time.perf_counter()
+        manifest = store.load_manifest(model_dir)
+        store.check_files_present(manifest)
+        names = placement.parse_devices(device)
+        torch_dtype = resolve_dtype(dtype, names[0])
+        specs = placement.probe_devices(names)
+        plan = placement.plan_placement(manifest.dalle, specs, torch_dtype, max_batch_images or None)
+        log.info("placement: %s", plan.describe())
+        main = torch.device(plan.main_device)
+        dalle = store.load_dalle(manifest, plan.device_map, torch_dtype)
+        on_cuda = main.type == "cuda"
+        decoder = ImageTokenDecoder(
+            dalle,
+            max_batch_images=plan.batch_limit,
+            windowed=True,
+            microbatches=len(plan.stages) if len(plan.stages) > 1 else 1,
+            compile_step=on_cuda,
+        )
+        # The decoders are small next to the transformer: keep them in fp32, as upstream runs them, so
+        # pixels match the reference exactly (bf16 VQ-GAN decoding is off by up to 9 levels).
+        vqgan = store.load_vqgan(manifest, main, torch.float32)
+        realesrgan = store.load_realesrgan(manifest, main, torch.float32)
+        clip = store.load_clip(manifest, main, torch.float32)
+        tokenizer = store.load_tokenizer(manifest)
+        log.info("model %s loaded in %.1f s", manifest.name, time.perf_counter() - t0)
+        return cls(manifest, tokenizer, dalle, decoder, vqgan, realesrgan, clip, plan, torch_dtype)
+
+    # ---- the batch path -------------------------------------------------------------------------
+
+    def run(self, jobs: Sequence[Job], on_step: OnStep | None = None) -> list[JobResult | None]:
+        """Run one merged batch; every job keeps its own params and seed. Raises on failure.
+
+        ``on_step`` sees the decode progress and may name jobs to stop (see ``OnStep``): a stopped
+        job's result is None and it costs no further time; the other jobs go on unchanged.
+        """
+        states = [_JobState(job) for job in jobs]
+        with torch.inference_mode():
+            self._generate(states, on_step)
+            for st in states:
+                if st.output is None:
+                    continue
+                self._decode(st)
+                self._rank(st)
+                self._upscale(st)
+                self._encode(st)
+        return [self._result(st) if st.output is not None else None for st in states]
+
+    def _generate(self, states: list[_JobState], on_step: OnStep | None) -> None:
+        t0 = time.perf_counter()
+        requests = [self._request(st.job) for st in states]
+        outputs = self._generate_splitting_on_oom(requests, on_step)
+        elapsed = time.perf_counter() - t0
+        for st, out in zip(states, outputs, strict=True):
+            st.output = out
+            st.timings["generate"] = elapsed  # the batch's wall time: every job waited for all of it
+
+    def _request(self, job: Job) -> GenerationRequest:
+        cfg = self.manifest.dalle
+        p = job.params
+        return GenerationRequest(
+            text_ids=self.tokenizer.encode(job.query, cfg.text_seq_length),
+            num_images=p.images_to_gen,
+            sampling=SamplingParams(top_k=p.top_k, top_p=p.top_p, temperature=p.temperature),
+            seed=p.seed,
+        )
+
+    def _generate_splitting_on_oom(
+        self, requests: list[GenerationRequest], on_step: OnStep | None
+    ) -> list[GenerationOutput | None]:
+        # Per-row random streams make the codes independent of how rows are chunked, so halving the
+        # chunk size after an out-of-memory retries the same work with the same result. The halving
+        # holds for this batch only: one transient OOM must not shrink every later batch.
+        limit = self.decoder.max_batch_images
+        try:
+            while True:
+                try:
+                    return self.decoder.generate(requests, on_step=on_step)
+                except torch.cuda.OutOfMemoryError:
+                    if self.decoder.max_batch_images <= 1:
+                        raise
+                # Outside the except block the failed attempt's frames are gone, so its memory frees.
+                self.decoder.max_batch_images = max(1, self.decoder.max_batch_images // 2)
+                self.decoder.release_caches()  # the next try allocates caches for the smaller chunks
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: retrying in chunks of %d", self.decoder.max_batch_images)
+        finally:
+            self.decoder.max_batch_images = limit
+
+    def _decode(self, st: _JobState) -> None:
+        t0 = time.perf_counter()
+        assert st.output is not None
+        chunks = [self.vqgan.decode(c.to(self.main_device)) for c in st.output.codes.split(8)]
+        st.pixels = torch.cat(chunks).cpu()
+        st.timings["decode"] = time.perf_counter() - t0
+
+    def _rank(self, st: _JobState) -> None:
+        t0 = time.perf_counter()
+        assert st.pixels is not None
+        images = [Image.fromarray(px.numpy()) for px in st.pixels]
+        text_latent = self.clip.text_latents([st.job.query])[0]
+        scores = self.clip.score(images, text_latent).float().cpu()
+        keep = min(st.job.params.images_to_cherry_pick, len(images))
+        order = torch.argsort(scores, descending=True, stable=True)[:keep].tolist()
+        st.ranked = Ranked(order=order, scores=[float(scores[i]) for i in order])
+        st.timings["rank"] = time.perf_counter() - t0
+
+    def _upscale(self, st: _JobState) -> None:
+        t0 = time.perf_counter()
+        assert st.pixels is not None and st.ranked is not None
+        kept = [st.pixels[i].numpy() for i in st.ranked.order]
+        if st.job.params.super_res:
+            kept = upscale_batch(self.realesrgan, kept)  # tiles of all kept images share forward passes
+        st.kept = kept
+        st.timings["upscale"] = time.perf_counter() - t0
+
+    def _encode(self, st: _JobState) -> None:
+        t0 = time.perf_counter()
+        st.encoded = [encode_image(img, st.job.params.format) for img in st.kept]
+        st.timings["encode"] = time.perf_counter() - t0
+
+    def _result(self, st: _JobState) -> JobResult:
+        assert st.output is not None and st.ranked is not None
+        order = st.ranked.order
+        return JobResult(
+            images=st.encoded,
+            clip_scores=st.ranked.scores,
+            ppl=[float(st.output.ppl[i]) for i in order],
+            seed=st.job.params.seed,
+            timings={k: round(v, 4) for k, v in st.timings.items()},
+            codes=[st.output.codes[i].tolist() for i in order],
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Architecture and placement, for the model card and the start-up log."""
+        cfg = self.manifest.dalle
+        return {
+            "name": self.manifest.name,
+            "transformer": {
+                "num_layers": cfg.num_layers,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "text_seq_length": cfg.text_seq_length,
+                "image_tokens_per_dim": cfg.image_tokens_per_dim,
+                "vocab_size": cfg.vocab_size,
+                "image_vocab_size": cfg.image_vocab_size,
+                "hf_version": cfg.hf_version,
+                "parameters": sum(p.numel() for p in self.dalle.parameters()),
+            },
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "placement": self.plan.describe(),
+            "max_batch_images": self.decoder.max_batch_images,
+        }
+
+
+def encode_image(pixels: np.ndarray, fmt: str) -> str:
+    """uint8 [H, W, 3] -> base64 of a JPEG, PNG or WebP file."""
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if fmt == "png":
+        image.save(buf, format="PNG")
+    else:
+        image.save(buf, format=FORMATS[fmt], quality=95)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -1,0 +1,1 @@
+"""Everything that knows HTTP, KServe, gRPC or Prometheus."""

@@ -1,0 +1,158 @@
+"""The KServe model: `load()` brings up the pipeline and the scheduler, `predict()` validates and awaits.
+
+What the HTTP app adds around it (middleware, routes, the API document) is in app/serving/http.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kserve
+from kserve.errors import ModelNotReady
+
+from app.serving.card import build_card
+from app.serving.errors import (
+    GenerationFailed,
+    ServiceError,
+    ShuttingDown,
+)
+from app.serving.scheduler import Scheduler
+from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings, build_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `python -m app` adds to KServe's flags."""
+
+    model_dir: str = "/mnt/models"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_images: int = 0  # 0: derived from free memory by the placement planner
+    max_images_per_request: int = 16
+    queue_size: int = 32
+    request_timeout: float = 600.0
+    max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0
+    log_format: str = "text"
+
+
+class KandinskyModel(kserve.Model):
+    """ruDALL-E Kandinsky behind the KServe v1 predict protocol."""
+
+    def __init__(self, name: str, settings: ServerSettings | None = None) -> None:
+        super().__init__(name)
+        self.settings = settings or ServerSettings()
+        self.pipeline: Any = None
+        self.scheduler: Scheduler | None = None
+        self.schema: Schema | None = None
+        self.draining = False
+
+    def load(self) -> bool:
+        """Load every component, start the GPU worker, and only then report ready."""
+        from app.engine.pipeline import Pipeline  # torch and the networks load here, not at import
+
+        s = self.settings
+        self.pipeline = Pipeline.load(
+            s.model_dir, device=s.device, dtype=s.dtype, max_batch_images=s.max_batch_images or None
+        )
+        self.attach(self.pipeline)
+        return self.ready
+
+    def attach(self, pipeline: Any) -> None:
+        """Serve an already loaded pipeline (load() calls this; tests reuse one pipeline across apps)."""
+        s = self.settings
+        self.pipeline = pipeline
+        self.schema = build_schema(Limits(s.max_images_per_request, int(pipeline.image_vocab_size)))
+        self.scheduler = Scheduler(
+            pipeline, queue_size=s.queue_size, max_batch_images=pipeline.max_batch_images
+        )
+        self.scheduler.start()
+        self.ready = True
+        log.info(
+            "model %s ready: batch limit %d images, queue %d requests, deadline %.0f s",
+            self.name,
+            self.scheduler.max_batch_images,
+            s.queue_size,
+            s.request_timeout,
+        )
+
+    @property
+    def alive(self) -> bool:
+        """Loaded, with its GPU worker running: what liveness reports (a broken pod gets restarted)."""
+        return self.pipeline is not None and self.scheduler is not None and self.scheduler.alive
+
+    def start(self) -> None:
+        # KServe's default start() marks every model ready; ours is ready only once load() succeeded.
+        self.ready = self.scheduler is not None and not self.draining
+
+    def begin_drain(self) -> None:
+        """Stop intake (readiness and new predicts answer 503); queued and running work goes on."""
+        if not self.draining:
+            log.info("model %s: draining, no new requests accepted", self.name)
+        self.draining = True
+        self.ready = False
+        if self.scheduler is not None:
+            self.scheduler.begin_drain()
+
+    def stop(self) -> None:
+        """KServe calls this on shutdown: finish or answer what is queued, then stop the worker."""
+        self.begin_drain()
+        if self.scheduler is not None:
+            # A running batch legitimately takes up to the request deadline; a thread left inside torch
+            # at interpreter exit can abort the process instead of exiting 0.
+            self.scheduler.stop(timeout=self.settings.request_timeout)
+        super().stop()
+
+    async def predict(
+        self,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Validate the instances, queue them as one ticket, and answer every instance in order."""
+        from app.engine.params import GenerationParams
+        from app.engine.pipeline import Job
+
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.scheduler is None or self.schema is None:
+            raise ModelNotReady(self.name)
+        instances = self.schema.parse(payload)
+        try:
+            jobs = [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
+            outcome = await self.scheduler.submit(jobs, timeout=self.settings.request_timeout)
+            predictions = [_prediction(result, outcome.queue_seconds) for result in outcome.results]
+        except ServiceError:
+            raise
+        except Exception as exc:
+            # KServe's catch-all would put the exception text (which may quote the input) in the body.
+            log.exception("predict failed outside the pipeline")
+            raise GenerationFailed(f"internal error ({type(exc).__name__}); retry the request") from None
+        if len(predictions) == 1:
+            return predictions[0]
+        return {"ok": True, "predictions": predictions}
+
+    def card(self) -> dict[str, Any]:
+        if self.pipeline is None or self.schema is None:
+            raise ModelNotReady(self.name)
+        manifest = self.pipeline.manifest
+        return build_card(self.name, dict(manifest.extra), self.pipeline.describe(), self.schema)
+
+
+def _prediction(result: Any, queue_seconds: float) -> dict[str, Any]:
+    timings = {key: float(result.timings.get(key, 0.0)) for key in TIMING_KEYS if key != "queue"}
+    return Prediction(
+        images=result.images,
+        clip_scores=[float(s) for s in result.clip_scores],
+        seed=result.seed,
+        ppl=[float(p) for p in result.ppl],
+        timings=Timings(queue=round(queue_seconds, 4), **timings),
+    ).model_dump()
+
+
+# The catalog's first client code imports the model under its KFServing-era name.
+KFServingKandinskyModel = KandinskyModel

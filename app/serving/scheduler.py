@@ -1,0 +1,329 @@
+"""The request queue, cross-request batching, deadlines and the one GPU worker thread.
+
+The event loop only enqueues a ticket (a request's jobs) and awaits its future. One worker thread takes
+every ticket waiting when it becomes free, merges them into one `Pipeline.run` call of at most
+`max_batch_images` images (a single larger ticket still runs alone: the pipeline chunks it), and hands
+the results back to the loop with `call_soon_threadsafe`. A failed batch answers its own tickets with
+`GenerationFailed` and the worker carries on with the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.engine.params import STAGES, Stage
+from app.serving import metrics
+from app.serving.errors import DeadlineExceeded, GenerationFailed, QueueFull, ServiceError, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+class BatchRunner(Protocol):
+    """What the scheduler needs of `app.engine.pipeline.Pipeline`."""
+
+    max_batch_images: int
+
+    def run(
+        self, jobs: Sequence[Any], on_step: Callable[[int], Collection[int] | None] | None = None
+    ) -> list[Any]:
+        """One result per job; None for a job that `on_step` asked to stop."""
+        ...
+
+
+@dataclass
+class TicketResult:
+    results: list[Any]  # one JobResult per job of the ticket, in order
+    queue_seconds: float
+
+
+@dataclass(eq=False)
+class _Ticket:
+    jobs: list[Any]
+    images: int
+    enqueued: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[TicketResult]
+    abandoned: bool = False  # the requester stopped waiting (deadline, disconnect or cancel)
+
+
+def _job_images(job: Any) -> int:
+    return int(job.params.images_to_gen)
+
+
+class Scheduler:
+    """Owns the queue and the worker thread; `submit` is the only call made from the event loop."""
+
+    def __init__(self, pipeline: BatchRunner, *, queue_size: int = 32, max_batch_images: int | None = None):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.pipeline = pipeline
+        self.queue_size = queue_size
+        self.max_batch_images = max(1, int(max_batch_images or pipeline.max_batch_images))
+        self._queue: collections.deque[_Ticket] = collections.deque()
+        self._cond = threading.Condition()
+        self._accepting = True
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        # Daemon: a batch stuck on the GPU must not keep a terminating pod alive past its grace period.
+        self._thread = threading.Thread(target=self._worker, name="kandinsky-gpu-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def begin_drain(self) -> None:
+        """Stop taking new requests; queued and running work goes on."""
+        with self._cond:
+            if self._accepting:
+                log.info("scheduler: intake stopped, %d queued request(s) to finish", len(self._queue))
+            self._accepting = False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop intake, let the worker finish the queue for up to `timeout` s, answer what is left, join."""
+        self.begin_drain()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            leftover = list(self._queue)
+            self._queue.clear()
+            metrics.QUEUE_DEPTH.set(0)
+        for ticket in leftover:
+            self._answer(ticket, error=ShuttingDown("the server is shutting down; retry on another replica"))
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("scheduler: a batch was still running after %.0f s; not waiting for it", timeout)
+
+    # ---- intake (event loop) ----------------------------------------------------------------------
+
+    async def submit(self, jobs: Sequence[Any], *, timeout: float) -> TicketResult:
+        """Queue one request's jobs and wait for their results.
+
+        Raises QueueFull or ShuttingDown (503), DeadlineExceeded (504) after `timeout` seconds,
+        GenerationFailed (500) when the batch holding the request failed.
+        """
+        if not jobs:
+            raise ValueError("a ticket needs at least one job")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        ticket = _Ticket(
+            jobs=list(jobs),
+            images=sum(_job_images(j) for j in jobs),
+            enqueued=now,
+            deadline=now + timeout,
+            loop=loop,
+            future=loop.create_future(),
+        )
+        self._enqueue(ticket)
+        try:
+            return await asyncio.wait_for(ticket.future, timeout=max(0.0, ticket.deadline - time.monotonic()))
+        except TimeoutError:
+            ticket.abandoned = True
+            raise DeadlineExceeded(
+                f"the request did not finish within the server deadline of {timeout:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            ticket.abandoned = True  # the client went away: do not spend GPU time on it
+            raise
+
+    def _enqueue(self, ticket: _Ticket) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+            self._queue.append(ticket)
+            metrics.QUEUE_DEPTH.set(len(self._queue))
+            self._cond.notify()
+
+    # ---- the worker thread ------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            batch: list[_Ticket] = []
+            try:
+                with self._cond:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait()
+                    if not self._queue and self._stopping:
+                        return
+                    batch = self._take_batch_locked()
+                    metrics.QUEUE_DEPTH.set(len(self._queue))
+                if batch:
+                    self._run_batch(batch)
+            except Exception:  # the worker must never die, and never leave a request unanswered
+                log.exception("scheduler: unexpected error in the worker loop")
+                for ticket in batch:
+                    self._answer(ticket, error=GenerationFailed("internal error in the scheduler; retry"))
+
+    def _take_batch_locked(self) -> list[_Ticket]:
+        now = time.monotonic()
+        batch: list[_Ticket] = []
+        images = 0
+        while self._queue:
+            ticket = self._queue[0]
+            if ticket.abandoned:
+                self._queue.popleft()
+                continue
+            if ticket.deadline <= now:
+                self._queue.popleft()
+                # Dropped before it costs GPU time; the requester's own timer usually answers first.
+                self._answer(ticket, error=DeadlineExceeded("the request expired in the queue"))
+                continue
+            if batch and images + ticket.images > self.max_batch_images:
+                break
+            self._queue.popleft()
+            batch.append(ticket)
+            images += ticket.images
+        return batch
+
+    def _run_batch(self, batch: list[_Ticket]) -> None:
+        started = time.monotonic()
+        jobs = [job for ticket in batch for job in ticket.jobs]
+        images = sum(ticket.images for ticket in batch)
+        for ticket in batch:
+            metrics.QUEUE_WAIT_SECONDS.observe(started - ticket.enqueued)
+        metrics.BATCH_IMAGES.observe(images)
+        self.batches_run += 1
+        log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
+        outcome = self._run_pipeline(batch, jobs, images)
+        metrics.update_gpu_memory()
+        if isinstance(outcome, str):
+            # The failed run's frames (and the GPU memory they held) are gone by now, so the cache can
+            # really be released before anything runs again.
+            _release_cuda_cache()
+            if len(batch) > 1:
+                # One request's fault must not cost the others their answer: run each one alone, so
+                # only the request that fails by itself is answered 500. Same seeds, same images.
+                for ticket in batch:
+                    if ticket.abandoned:
+                        continue
+                    if ticket.deadline <= time.monotonic():
+                        self._answer(ticket, error=DeadlineExceeded("the request expired while retried"))
+                        continue
+                    self._run_batch([ticket])
+                return
+            for ticket in batch:
+                self._answer(ticket, error=GenerationFailed(outcome))
+            return
+        results = outcome
+        try:
+            self._record(jobs, results)
+        except Exception:  # metrics must never cost a request its answer
+            log.exception("scheduler: could not record batch metrics")
+        offset = 0
+        for ticket in batch:
+            mine = results[offset : offset + len(ticket.jobs)]
+            offset += len(ticket.jobs)
+            if any(result is None for result in mine):
+                # Stopped at a progress tick: its requester had gone and was answered already.
+                log.info("request of %d image(s) stopped: its requester gave up", ticket.images)
+                continue
+            self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
+
+    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any], images: int) -> list[Any] | str:
+        """Run the batch: its results (None for each stopped job), or the client-facing failure message.
+
+        Returning instead of handling the failure inside `except` lets the failed run's frames, and
+        the tensors they hold, be freed before the caller retries anything.
+        """
+        owner = [ticket for ticket in batch for _ in ticket.jobs]  # job index -> its ticket
+
+        def stop_abandoned(step: int) -> list[int]:
+            # At each progress tick: the jobs whose requester gave up (deadline, hang-up, cancel)
+            # leave the batch; their partners go on.
+            return [n for n, ticket in enumerate(owner) if ticket.abandoned]
+
+        try:
+            results = self.pipeline.run(jobs, on_step=stop_abandoned)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"pipeline returned {len(results)} results for {len(jobs)} jobs")
+            for n, result in enumerate(results):
+                if result is None and not owner[n].abandoned:
+                    raise RuntimeError(f"pipeline stopped job {n}, whose requester still waits")
+        except Exception as exc:
+            # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
+            log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
+            return _failure_message(exc, images)
+        return results
+
+    @staticmethod
+    def _record(jobs: list[Any], all_results: list[Any]) -> None:
+        # Counted here, not per answered request: a request that gave up late still cost its images;
+        # one stopped at a progress tick (result None) produced none.
+        results = [r for r in all_results if r is not None]
+        images = sum(_job_images(j) for j, r in zip(jobs, all_results) if r is not None)
+        # Every sampled image has the same token count; the returned codes tell how many.
+        per_image_tokens = next((len(r.codes[0]) for r in results if r.codes), 0)
+        metrics.IMAGES_TOTAL.inc(images)
+        metrics.IMAGE_TOKENS_TOTAL.inc(images * per_image_tokens)
+        # The token loop serves the whole batch at once (its time is the batch's); later stages run per job.
+        generate = max((r.timings.get(Stage.GENERATE.value, 0.0) for r in results), default=0.0)
+        batch_timings = {Stage.GENERATE.value: generate}
+        for stage in STAGES[1:]:
+            batch_timings[stage] = sum(r.timings.get(stage, 0.0) for r in results)
+        metrics.record_stage_timings(batch_timings)
+
+    def _answer(
+        self, ticket: _Ticket, *, result: TicketResult | None = None, error: ServiceError | None = None
+    ) -> None:
+        def deliver() -> None:
+            if ticket.future.done():
+                return
+            if error is not None:
+                ticket.future.set_exception(error)
+            else:
+                ticket.future.set_result(result)  # type: ignore[arg-type]
+
+        try:
+            ticket.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            log.debug("scheduler: event loop closed, dropping an answer")
+
+
+def _failure_message(exc: BaseException, images: int) -> str:
+    if _is_out_of_memory(exc):
+        return (
+            f"out of GPU memory while generating a batch of {images} image(s); "
+            "retry, or ask for fewer images_to_gen"
+        )
+    return f"generation failed ({type(exc).__name__}); the server keeps serving, retry the request"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _release_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        log.warning("could not empty the CUDA cache", exc_info=True)

@@ -1,0 +1,1 @@
+"""Command-line tools: weights download/verify, the tiny model, offline generation."""

@@ -1,0 +1,158 @@
+"""The whole generation core on the tiny model: query -> ranked, encoded images, and the offline CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.engine.params import GenerationParams
+from app.engine.pipeline import Job, Pipeline, encode_image, resolve_dtype
+from app.tools import generate
+
+FAST = GenerationParams(images_to_gen=2, images_to_cherry_pick=1, top_k=64, super_res=False, seed=11)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir: Path) -> Pipeline:
+    return Pipeline.load(tiny_model_dir, device="cpu")
+
+
+def _image(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def test_pipeline_returns_ranked_upscaled_images_with_scores_ppl_and_codes(pipeline: Pipeline) -> None:
+    params = replace(FAST, images_to_gen=3, images_to_cherry_pick=2, super_res=True, format="png")
+    (result,) = pipeline.run([Job("Синий кот", params)])
+
+    assert len(result.images) == len(result.clip_scores) == len(result.ppl) == len(result.codes) == 2
+    assert [_image(b).size for b in result.images] == [(1024, 1024), (1024, 1024)]
+    assert all(_image(b).format == "PNG" for b in result.images)
+    assert result.clip_scores == sorted(result.clip_scores, reverse=True)
+    assert all(-1.0 <= s <= 1.0 for s in result.clip_scores)
+    assert all(p >= 1.0 for p in result.ppl)
+    assert result.seed == 11
+    for codes in result.codes:
+        assert len(codes) == 1024 and all(0 <= c < pipeline.image_vocab_size for c in codes)
+    assert set(result.timings) == {"generate", "decode", "rank", "upscale", "encode"}
+    assert result.timings["upscale"] > 0
+
+
+def test_same_seed_gives_same_images_alone_and_inside_a_mixed_batch(pipeline: Pipeline) -> None:
+    mine = Job("красный дом у реки", FAST)
+    other = Job("синий кот", replace(FAST, images_to_gen=3, top_k=5, temperature=0.7, seed=99))
+    (alone,) = pipeline.run([mine])
+    batched = pipeline.run([other, mine])
+
+    assert batched[1].codes == alone.codes
+    assert batched[1].images == alone.images
+    assert batched[1].clip_scores == pytest.approx(alone.clip_scores, abs=1e-6)
+    assert batched[0].codes != alone.codes
+
+
+def test_top_k_one_is_greedy_so_the_seed_does_not_matter(pipeline: Pipeline) -> None:
+    greedy = replace(FAST, images_to_gen=1, top_k=1)
+    a, b = pipeline.run([Job("кот", replace(greedy, seed=1)), Job("кот", replace(greedy, seed=2))])
+    assert a.codes == b.codes
+
+
+def test_out_of_memory_splits_the_batch_and_retries_with_the_same_result(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = Job("кот", replace(FAST, images_to_gen=2, images_to_cherry_pick=2))
+    (expected,) = pipeline.run([job])
+
+    real_generate = pipeline.decoder.generate
+    chunk_sizes: list[int] = []
+
+    def generate_or_oom(requests, on_step=None):  # type: ignore[no-untyped-def]
+        chunk_sizes.append(pipeline.decoder.max_batch_images)
+        if pipeline.decoder.max_batch_images > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_generate(requests, on_step=on_step)
+
+    monkeypatch.setattr(pipeline.decoder, "generate", generate_or_oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    limit = pipeline.decoder.max_batch_images
+    (retried,) = pipeline.run([job])
+
+    assert chunk_sizes[0] == limit and chunk_sizes[-1] == 1
+    assert retried.codes == expected.codes
+    assert pipeline.decoder.max_batch_images == limit  # the halving held for that batch only
+
+
+def test_out_of_memory_at_one_image_is_raised(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    def always_oom(requests, on_step=None):  # type: ignore[no-untyped-def]
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(pipeline.decoder, "generate", always_oom)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    limit = pipeline.decoder.max_batch_images
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        pipeline.run([Job("кот", FAST)])
+    assert pipeline.decoder.max_batch_images == limit  # the limit is restored for the next batch
+
+
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])
+def test_encode_image_writes_the_requested_format(fmt: str, pil_format: str) -> None:
+    pixels = torch.randint(0, 256, (16, 24, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = _image(encode_image(pixels.numpy(), fmt))
+    assert image.format == pil_format and image.size == (24, 16)
+
+
+def test_png_encoding_is_lossless() -> None:
+    pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    decoded = np.array(_image(encode_image(pixels.numpy(), "png")))
+    assert np.array_equal(decoded, pixels.numpy())
+
+
+def test_resolve_dtype_rejects_half_precision_on_the_cpu_and_unknown_names() -> None:
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype(None, "cpu") is torch.float32
+    with pytest.raises(ValueError, match="dtype: fp16 needs a CUDA device"):
+        resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="dtype: 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_describe_reports_architecture_and_placement(pipeline: Pipeline) -> None:
+    info = pipeline.describe()
+    assert info["transformer"]["num_layers"] == pipeline.manifest.dalle.num_layers
+    assert info["transformer"]["parameters"] > 0
+    assert info["placement"]["main_device"] == "cpu"
+    assert info["max_batch_images"] == pipeline.max_batch_images
+
+
+def test_generate_cli_writes_images_and_result_json(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = generate.main([
+        "--model_dir", str(tiny_model_dir), "--query", "Кот в шляпе", "--out", str(out),
+        "--images_to_gen", "2", "--images_to_cherry_pick", "1", "--no-super_res", "--seed", "5",
+        "--format", "png", "--top_k", "64",
+    ])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["seed"] == 5 and result["files"] == ["00.png"]
+    assert len(result["codes"]) == 1 and len(result["codes"][0]) == 1024
+    assert Image.open(out / "00.png").size == (256, 256)
+
+
+def test_generate_cli_rejects_a_bad_param_naming_it(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = generate.main([
+        "--model_dir", str(tiny_model_dir), "--query", "кот", "--out", str(tmp_path), "--top_p", "1.5",
+    ])
+    assert code == 2
+    assert "top_p" in capsys.readouterr().err
+    assert not (tmp_path / "result.json").exists()
