@@ -55,8 +55,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.engine.nets.dalle import MASK_BUFFERS, DalleConfig, build_mask, expected_dalle_tensors  # noqa: E402
 from app.engine.nets.decoding import GenerationRequest, SamplingParams  # noqa: E402
-from app.engine.pipeline import GenerationParams, Job, Pipeline  # noqa: E402
-from app.serving.schema import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P  # noqa: E402
+from app.engine.params import (  # noqa: E402
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    GenerationParams,
+)
+from app.engine.pipeline import Job, Pipeline  # noqa: E402
 from app.tools.tiny import build_tiny_model_dir, random_state_dict  # noqa: E402
 from bench.upstream import PINS, Upstream  # noqa: E402
 from bench.upstream import load as load_upstream  # noqa: E402
@@ -169,6 +174,14 @@ def ours_sampler(pipe: Pipeline, text_ids: torch.Tensor, images: int, top_k: int
     return torch.empty(0)
 
 
+def run_job(pipe: Pipeline, job: Job) -> Any:
+    """``Pipeline.run`` for one job; its result (raises if the pipeline reports a failure instead)."""
+    (outcome,) = pipe.run([job])
+    if not hasattr(outcome, "timings"):
+        raise RuntimeError(f"the request failed: {outcome!r}")
+    return outcome
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     result = fn()
@@ -205,12 +218,12 @@ def profile_request(pipe: Pipeline, job: Job, kind: str, top: int) -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            (result,) = pipe.run([job])
+            result = run_job(pipe, job)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
     else:
         prof = cProfile.Profile()
         prof.enable()
-        (result,) = pipe.run([job])
+        result = run_job(pipe, job)
         prof.disable()
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
@@ -290,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         runs["ours_sampler_s"].append(t)
         line = f"run {r + 1}/{args.runs}: ours sampler {t:.2f} s"
         if steps == seq:
-            t, (res,) = timed(lambda: pipe.run([job]))
+            t, res = timed(lambda: run_job(pipe, job))
             runs["ours_request_s"].append(t)
             stages.append(res.timings)
             line += f", ours request {t:.2f} s {res.timings}"

@@ -143,7 +143,8 @@ def time_decode(model: DalleModel, batch: int, *, windowed: bool, compile_step: 
 
 def end_to_end(model_dir: str, device: str, seed: int) -> dict[str, Any]:
     """The default request (8 images, 4 kept, upscaled) through the real pipeline, twice (cold, warm)."""
-    from app.engine.pipeline import GenerationParams, Job, Pipeline
+    from app.engine.params import GenerationParams
+    from app.engine.pipeline import Job, Pipeline
 
     t0 = time.perf_counter()
     pipe = Pipeline.load(model_dir, device=device)
