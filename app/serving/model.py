@@ -19,7 +19,7 @@ from app.serving.errors import (
     ShuttingDown,
 )
 from app.serving.scheduler import Scheduler
-from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings, build_schema
+from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class KandinskyModel(kserve.Model):
         """Serve an already loaded pipeline (load() calls this; tests reuse one pipeline across apps)."""
         s = self.settings
         self.pipeline = pipeline
-        self.schema = build_schema(Limits(s.max_images_per_request, int(pipeline.image_vocab_size)))
+        self.schema = Schema(Limits(s.max_images_per_request, int(pipeline.image_vocab_size)))
         self.scheduler = Scheduler(
             pipeline, queue_size=s.queue_size, max_batch_images=pipeline.max_batch_images
         )

@@ -41,7 +41,15 @@ from starlette.staticfiles import StaticFiles
 from app import __version__
 from app.serving.card import CARD_PATH
 from app.serving.errors import RETRY_AFTER_S
-from app.serving.schema import CATALOG_EXAMPLE, RESPONSE_EXAMPLE, ErrorBody, MultiPrediction, Prediction
+from app.serving.schema import (
+    CATALOG_EXAMPLE,
+    RESPONSE_EXAMPLE,
+    ErrorBody,
+    Limits,
+    MultiPrediction,
+    Prediction,
+    json_schema_limits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +289,7 @@ def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
         log.warning("routes served but not documented in app/serving/openapi.py: %s", missing)
 
     schema = getattr(model, "schema", None)
-    request_model = schema.request if schema is not None else None
+    request_model = schema.request.model if schema is not None else None
     models: list[type[BaseModel]] = [ErrorBody]
     for key in ops:
         ok = OPERATIONS[key].ok
@@ -296,9 +304,10 @@ def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
     ]
     if request_model is not None:
         inputs.append((request_model, "validation"))
-    refs, defs = models_json_schema(
-        inputs, ref_template=_REF_PREFIX + "{model}", schema_generator=_ResponsesRequireDefaults
-    )
+    with json_schema_limits(schema.limits if schema is not None else Limits()):
+        refs, defs = models_json_schema(
+            inputs, ref_template=_REF_PREFIX + "{model}", schema_generator=_ResponsesRequireDefaults
+        )
     names = {m: ref["$ref"].rsplit("/", 1)[-1] for (m, _), ref in refs.items() if "$ref" in ref}
     components = defs.get("$defs", {})
     renamed = _names_from_titles(components)

@@ -15,11 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.engine.jobs import JobFailed
 from app.engine.params import GenerationParams
 from app.engine.pipeline import Job, Pipeline
 from app.engine.store import ModelStoreError
 from app.serving.errors import RequestInvalid
-from app.serving.schema import Limits, build_schema
+from app.serving.schema import Limits, Schema
 
 log = logging.getLogger("app.tools.generate")
 
@@ -57,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: getattr(args, k) for k in (*_PARAM_TYPES, "super_res") if getattr(args, k) is not None}
     try:
         pipeline = Pipeline.load(args.model_dir, device=args.device, dtype=args.dtype)
-        schema = build_schema(Limits(args.max_images_per_request, pipeline.image_vocab_size))
+        schema = Schema(Limits(args.max_images_per_request, pipeline.image_vocab_size))
         (instance,) = schema.parse({"instances": [{"query": args.query, "params": params}]})
     except (RequestInvalid, ModelStoreError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
     job = Job(instance.query, GenerationParams(**instance.params.model_dump()))
     (result,) = pipeline.run([job])
+    if isinstance(result, JobFailed):
+        sys.stderr.write(f"error: {result.message}\n")
+        return 1
     assert result is not None  # only an on_step callback stops a job, and none is given
 
     out = Path(args.out)

@@ -13,6 +13,11 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from fastapi import APIRouter, FastAPI
+
+from app.engine.pipeline import Pipeline
+from app.serving.card import CARD_PATH
+from app.serving.model import KandinskyModel, ServerSettings
 from app.serving.openapi import (
     DOCS_STATIC_PATH,
     OPERATIONS,
@@ -21,12 +26,7 @@ from app.serving.openapi import (
     install_openapi,
     undocumented_routes,
 )
-from fastapi import APIRouter, FastAPI
-
-from app.engine.pipeline import Pipeline
-from app.serving.card import CARD_PATH
-from app.serving.model import KandinskyModel, ServerSettings
-from app.serving.schema import CATALOG_EXAMPLE, Limits, build_schema
+from app.serving.schema import CATALOG_EXAMPLE, Limits, Schema
 from tests.serving.test_http import build_app
 
 NAME = "kandinsky"
@@ -76,7 +76,7 @@ def client(app: FastAPI) -> httpx.AsyncClient:
 def spec_app() -> tuple[KandinskyModel, FastAPI]:
     """An app whose model has its request schema (2 images per request, 64 image tokens), not loaded."""
     model = KandinskyModel(NAME, ServerSettings(max_images_per_request=2))
-    model.schema = build_schema(Limits(2, 64))
+    model.schema = Schema(Limits(2, 64))
     return model, kserve_app(model)
 
 
@@ -206,7 +206,7 @@ def test_document_without_a_loaded_model_is_not_cached():
     app = kserve_app(model)
     first = app.openapi()
     assert "requestBody" not in operation(first, "POST", PREDICT)
-    model.schema = build_schema(Limits(16, 8192))
+    model.schema = Schema(Limits(16, 8192))
     second = app.openapi()
     assert "requestBody" in operation(second, "POST", PREDICT)
     assert app.openapi() is second  # cached from now on

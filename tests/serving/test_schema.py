@@ -7,9 +7,9 @@ import math
 import pytest
 
 from app.serving.errors import RequestInvalid
-from app.serving.schema import CATALOG_EXAMPLE, SEED_MAX, Limits, build_schema
+from app.serving.schema import CATALOG_EXAMPLE, SEED_MAX, Limits, Schema
 
-SCHEMA = build_schema(Limits(max_images_per_request=16, image_vocab_size=64))
+SCHEMA = Schema(Limits(max_images_per_request=16, image_vocab_size=64))
 
 
 def one(params: dict | None = None, **instance) -> dict:
@@ -41,7 +41,7 @@ def test_defaults_are_filled_from_the_spec():
 
 
 def test_default_top_k_is_4096_with_a_large_vocabulary():
-    schema = build_schema(Limits(16, 8192))
+    schema = Schema(Limits(16, 8192))
     assert schema.parse(one())[0].params.top_k == 4096
 
 
@@ -51,7 +51,7 @@ def test_default_cherry_pick_shrinks_to_images_to_gen():
 
 
 def test_default_images_to_gen_respects_a_small_server_limit():
-    schema = build_schema(Limits(max_images_per_request=3, image_vocab_size=64))
+    schema = Schema(Limits(max_images_per_request=3, image_vocab_size=64))
     assert schema.parse(one())[0].params.images_to_gen == 3
 
 
