@@ -14,12 +14,22 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from app.engine.nets.kv_cache import (
+    KVCache,
+    RowLookup,
+    RowWindowCache,
+    mask_is_window,
+    window_slots,
+    window_table,
+)
 
 MaskKind = Literal["row", "col", "conv"]
 
@@ -129,6 +139,11 @@ def row_window(cfg: DalleConfig) -> int:
     return cfg.image_tokens_per_dim + 1
 
 
+def cached_positions(cfg: DalleConfig) -> int:
+    """Positions ever fed through the layers while decoding: the text, then every image token but the last."""
+    return cfg.n_text + cfg.image_seq_length - 1
+
+
 @functools.lru_cache(maxsize=32)
 def build_mask(kind: MaskKind, cfg: DalleConfig) -> torch.Tensor:
     """Upstream's bool mask of ``kind``: [total_seq_length, total_seq_length], [query, key], True = visible.
@@ -163,6 +178,13 @@ def build_mask(kind: MaskKind, cfg: DalleConfig) -> torch.Tensor:
     return causal & (text_key | image_rule)
 
 
+@functools.lru_cache(maxsize=32)
+def row_mask_is_window(cfg: DalleConfig) -> bool:
+    """Whether the row mask sees image keys only ``row_window(cfg)`` positions back (a ring cache fits)."""
+    s = cached_positions(cfg)
+    return mask_is_window(build_mask("row", cfg)[:s, :s], cfg.text_seq_length, row_window(cfg))
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Upstream's tanh-approximated GELU, term for term."""
     return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * x * (1.0 + 0.044715 * x * x)))
@@ -193,6 +215,8 @@ class DalleSelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        # Set by DalleModel.setup_caches, dropped by release_caches (buffers not in the state dict).
+        self.kv_cache: KVCache | None = None
 
 
 class DalleMLP(nn.Module):
@@ -206,9 +230,8 @@ class DalleMLP(nn.Module):
 
 
 class DalleLayer(nn.Module):
-    """One transformer layer, split into pieces that a KV-cache decoder can reuse.
-
-    ``forward(x, mask)`` is the full layer. The pieces, in order, for a decoder that keeps its own cache:
+    """One transformer layer: ``forward(x, mask)`` is the full uncached layer, ``forward_cached(x, pos,
+    rows)`` the same layer against its ``attention.kv_cache``. The pieces, in order:
 
     - ``h = layer.input_layernorm(x)``
     - ``q, k, v = layer.qkv(h)``: each [B, nh, T, hd] (q, k, v split along the last dim, in that order)
@@ -260,6 +283,16 @@ class DalleLayer(nn.Module):
         x = x + self.attn_out(attention(q, k, v, mask))
         return self.mlp_block(x)
 
+    def forward_cached(self, x: torch.Tensor, pos: int | torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+        """x [Bg, T, h] at positions pos.. (see ``KVCache.update`` for ``pos`` and ``rows``) -> [Bg', T, h]."""
+        cache = self.attention.kv_cache
+        if cache is None:
+            raise RuntimeError("no KV cache: call DalleModel.setup_caches first")
+        q, k, v = self.qkv(self.input_layernorm(x))  # each [Bg, nh, T, hd]
+        keys, values, mask = cache.update(pos, k, v, rows)  # [Bg, nh, S', hd] x2, [T, S']
+        x = x + self.attn_out(attention(q, keys, values, mask))
+        return self.mlp_block(x)
+
 
 class DalleTransformer(nn.Module):
     def __init__(self, cfg: DalleConfig) -> None:
@@ -270,6 +303,11 @@ class DalleTransformer(nn.Module):
 
 class DalleModel(nn.Module):
     """The ruDALL-E transformer; ``forward`` is the full, uncached reference pass.
+
+    Cached decoding, as in gpt-fast: ``setup_caches(rows)`` gives each layer a KV cache, ``prefill``
+    runs the text and fills the caches, ``step`` feeds one image token per row at a position and returns
+    the next image logits. ``embed_step``, ``step_layers`` and ``image_logits`` are ``step``'s pieces,
+    for a caller that runs the layers of each device on its own (pipelined micro-batches, graphs).
 
     Layers may sit on different devices (an accelerate-style device map): hidden states follow each
     module's device at the boundary, and masks are copied to each device once.
@@ -288,6 +326,14 @@ class DalleModel(nn.Module):
         self.to_logits = nn.Sequential(nn.LayerNorm(h, eps=LAYERNORM_EPS), nn.Linear(h, cfg.total_vocab_size))
         self.transformer = DalleTransformer(cfg)
         self._masks: dict[tuple[MaskKind, torch.device], torch.Tensor] = {}
+        # Per (kind, windowed, device): mask/slot tables and their device-position lookups, shared by caches.
+        self._lookups: dict[tuple[MaskKind, bool, torch.device], tuple[RowLookup, ...]] = {}
+        self._window_tables: dict[tuple[MaskKind, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: Rows of the current caches (0: none), whether row layers keep rings, and a counter that
+        #: changes whenever the caches are replaced or dropped (graphs recorded on them are then stale).
+        self.cache_rows = 0
+        self.cache_windowed = False
+        self.cache_generation = 0
 
     def layer_mask(self, layer: int, device: torch.device | str) -> torch.Tensor:
         """Layer ``layer``'s full bool mask [total_seq_length, total_seq_length] on ``device`` (cached).
@@ -301,6 +347,122 @@ class DalleModel(nn.Module):
             mask = build_mask(kind, self.cfg).to(key[1])
             self._masks[key] = mask
         return mask
+
+    # ------------------------------------------------------------------------------- KV caches
+
+    @property
+    def kv_caches(self) -> list[KVCache]:
+        """The layers' caches, in layer order (empty when none are set up)."""
+        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
+        return [c for c in caches if c is not None]
+
+    def setup_caches(self, rows: int, *, windowed: bool = True) -> None:
+        """Give every layer a zeroed cache for ``rows`` sequences of ``cached_positions(cfg)`` positions.
+
+        With ``windowed`` (and a row mask that is a window) row-mask layers keep a ``RowWindowCache``.
+        The old caches are dropped first; an allocation that fails leaves no caches at all.
+        """
+        cfg = self.cfg
+        windowed = windowed and row_mask_is_window(cfg)
+        self.release_caches()
+        s, t, w = cached_positions(cfg), cfg.text_seq_length, row_window(cfg)
+        try:
+            for i, layer in enumerate(self.transformer.layers):
+                dev, kind = _device_of(layer), layer_mask_kind(i, cfg.num_layers)
+                dtype = layer.attention.query_key_value.weight.dtype
+                mask = self.layer_mask(i, dev)[:s, :s]  # [S, S], a view of the cached mask
+                ring = windowed and kind == "row"
+                lookups = self._lookups.get((kind, ring, dev))
+                cache: KVCache
+                if ring:
+                    tables = self._window_tables.get((kind, dev))
+                    if tables is None:
+                        tables = (window_table(mask, t, w).to(dev), window_slots(s, t, w).to(dev))
+                        self._window_tables[kind, dev] = tables
+                    if lookups is None:
+                        lookups = self._lookups[kind, ring, dev] = (RowLookup(tables[0]), RowLookup(tables[1]))
+                    cache = RowWindowCache(rows, cfg.num_attention_heads, cfg.head_dim, t, w, mask, *tables,
+                                           *lookups, dtype=dtype, device=dev)
+                else:
+                    if lookups is None:
+                        lookups = self._lookups[kind, ring, dev] = (RowLookup(mask),)
+                    cache = KVCache(rows, cfg.num_attention_heads, s, cfg.head_dim, mask, lookups[0],
+                                    dtype=dtype, device=dev)
+                layer.attention.kv_cache = cache
+        except BaseException:
+            self.release_caches()
+            raise
+        self.cache_rows, self.cache_windowed = rows, windowed
+
+    def release_caches(self) -> None:
+        """Drop every layer's cache (their memory is freed once nothing else holds it)."""
+        for layer in self.transformer.layers:
+            layer.attention.kv_cache = None
+        for lookups in self._lookups.values():
+            for lookup in lookups:
+                lookup.forget()
+        self.cache_rows, self.cache_windowed = 0, False
+        self.cache_generation += 1
+
+    def compact_caches(self, keep: torch.Tensor, rows: int) -> None:
+        """Move cache rows ``keep`` (ascending indices into the first ``rows``) to the front, every layer."""
+        for cache in self.kv_caches:
+            cache.compact(keep, rows)
+
+    # ------------------------------------------------------------------------------- cached decoding
+
+    def prefill(self, text_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Run texts [R, text_seq_length] once; cache row b gets text ``rows[b]``'s keys and values.
+
+        rows: [B] long, indices into the texts. Returns the logits of image token 0, [B, iv] float32.
+        """
+        x = self.embed_text(text_ids)  # [R, n_text, h]
+        for layer in self.transformer.layers:
+            dev = _device_of(layer)
+            x = layer.forward_cached(_to(x, dev), 0, _to(rows, dev))  # [R, n_text, h]
+        logits = self.image_logits(x[:, -1])  # [R, iv]
+        return logits.index_select(0, _to(rows, logits.device))
+
+    def embed_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Image tokens [Bg] at sequence position ``pos`` (an int or a [1] tensor) -> [Bg, 1, h]."""
+        return self.embed_image(tokens[:, None], start=pos - self.cfg.n_text)
+
+    def step_layers(self, x: torch.Tensor, pos: int | torch.Tensor, layers: Sequence[int],
+                    rows: slice = slice(None)) -> torch.Tensor:
+        """Hidden states [Bg, 1, h] at ``pos`` through ``layers`` (consecutive indices), cache rows ``rows``.
+
+        An int ``pos`` slices full caches to the written prefix; a [1] long tensor on the layers' device
+        (as a captured graph reads it) attends whole caches with mask rows gathered on the device.
+        """
+        for lookups in self._lookups.values():
+            for lookup in lookups:
+                lookup.forget()
+        blocks = self.transformer.layers
+        for i in layers:
+            layer = blocks[i]
+            dev = _device_of(layer)
+            x = layer.forward_cached(_to(x, dev), pos if isinstance(pos, int) else _to(pos, dev), rows)
+        return x
+
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., h] (before final_layernorm) -> image logits [..., iv] float32.
+
+        Only the last image_vocab_size columns of ``to_logits`` are computed.
+        """
+        iv = self.cfg.image_vocab_size
+        x = self.transformer.final_layernorm(_to(hidden, _device_of(self.transformer.final_layernorm)))
+        x = self.to_logits[0](_to(x, _device_of(self.to_logits)))
+        proj = self.to_logits[1]
+        assert isinstance(proj, nn.Linear)
+        return F.linear(x, proj.weight[-iv:], proj.bias[-iv:]).float()  # [..., iv]
+
+    def step(self, tokens: torch.Tensor, pos: int | torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Feed image tokens [Bg] at sequence position ``pos`` into cache rows ``rows``; returns the
+        logits of the next image token, [Bg, iv] float32. Image token j sits at position n_text + j.
+        """
+        x = self.embed_step(tokens, pos)  # [Bg, 1, h]
+        x = self.step_layers(x, pos, range(len(self.transformer.layers)), rows)
+        return self.image_logits(x[:, -1])
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """Text ids [B, text_seq_length] (pads = 0) -> embeddings [B, n_text, h].

@@ -1,9 +1,13 @@
-"""Fast image-token decoder for ruDALL-E: preallocated KV caches, one token per step.
+"""Fast image-token decoder for ruDALL-E on the model's own KV caches, one token per step.
 
-The text is prefilled once per request of a chunk; its keys and values are copied into the cache rows
-of that request's images. Each step then embeds only the newest image token, runs it through every
-layer against the cache (the layer's boolean mask row for that position), and computes only the image
-columns of ``to_logits`` for that position.
+The model does the cached forward (``DalleModel.setup_caches``/``prefill``/``step``, caches in
+``app.engine.nets.kv_cache``): the text is prefilled once per request of a chunk, its keys and values
+copied into the cache rows of that request's images; each step feeds the newest image token through
+every layer against the caches and computes only the image columns of ``to_logits``.
+
+This module keeps what is the decoder's own: chunks of rows from several requests, micro-batches that
+advance in lockstep over the stages of a model split across devices (each device's layers a segment),
+sampling, stopping requests at progress ticks, and CUDA-graph capture of the step's segments.
 
 Row-mask layers see text keys and the last ``row_window(cfg)`` positions only, so with ``windowed=True``
 they keep a ring buffer of that many positions after the text instead of the whole sequence.
@@ -21,12 +25,12 @@ import logging
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from app.engine.nets.dalle import DalleLayer, DalleModel, attention, build_mask, layer_mask_kind, row_window
+from app.engine.nets.dalle import DalleModel, row_mask_is_window
 from app.engine.params import SEED_MAX
 
 log = logging.getLogger(__name__)
@@ -123,15 +127,6 @@ def sample_tokens(
 
 
 @dataclass
-class _LayerPlan:
-    index: int
-    device: torch.device
-    kind: str
-    windowed: bool
-    cache_len: int
-
-
-@dataclass
 class _Segment:
     """Consecutive pieces of the step on one device; the unit of CUDA graph capture."""
 
@@ -189,12 +184,12 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class ImageTokenDecoder:
-    """Samples image tokens for batches of requests with a KV-cached one-token step.
+    """Samples image tokens for batches of requests with the model's KV-cached one-token step.
 
     ``max_batch_images`` bounds the rows decoded together (a chunk); ``windowed`` keeps only a ring
     of the last ``row_window`` positions for row-mask layers; ``microbatches`` splits a chunk into
     groups advanced in lockstep so that layers on different GPUs work on different groups at once;
-    ``compile_step`` records the one-token step as CUDA graphs (ignored without CUDA).
+    ``capture_graphs`` records each segment of the one-token step as a CUDA graph (ignored without CUDA).
     """
 
     #: ``on_step`` is called at most once per this many decode steps (and after the last one).
@@ -203,7 +198,7 @@ class ImageTokenDecoder:
     max_graphs = 64
 
     def __init__(self, model: DalleModel, max_batch_images: int, *, windowed: bool = True,
-                 microbatches: int = 1, compile_step: bool = False) -> None:
+                 microbatches: int = 1, capture_graphs: bool = False) -> None:
         if not _positive_int(max_batch_images):
             raise ValueError(f"max_batch_images must be a positive integer, got {max_batch_images!r}")
         if not _positive_int(microbatches):
@@ -213,46 +208,27 @@ class ImageTokenDecoder:
         self.max_batch_images = max_batch_images
         self.microbatches = microbatches
         self.n_text = cfg.n_text
-        # Positions ever fed through the layers: the text, then every image token but the last.
-        self.seq_fed = cfg.n_text + cfg.image_seq_length - 1
-        self.window = row_window(cfg)
-        self.windowed = windowed and self._row_mask_is_windowed()
+        self.windowed = windowed and row_mask_is_window(cfg)
         if windowed and not self.windowed:
             log.warning("row mask is not a sliding window for this config; keeping full caches")
 
         self.embed_device = _device_of(model.image_embeddings)
         self.head_device = _device_of(model.to_logits)
-        self.blocks = [cast(DalleLayer, layer) for layer in model.transformer.layers]
-        self.layers: list[_LayerPlan] = []
-        for i, layer in enumerate(self.blocks):
-            kind = layer_mask_kind(i, cfg.num_layers)
-            win = self.windowed and kind == "row"
-            cache_len = cfg.text_seq_length + self.window if win else self.seq_fed
-            self.layers.append(_LayerPlan(i, _device_of(layer), kind, win, cache_len))
+        self.layer_devices = [_device_of(layer) for layer in model.transformer.layers]
         self.segments = self._plan_segments()
-        self._masks: dict[tuple[str, bool, torch.device], torch.Tensor] = {}
-        self._slots: dict[tuple[bool, torch.device], torch.Tensor] = {}
-        self._positions: dict[torch.device, torch.Tensor] = {}
-        self._caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._cache_rows = 0
 
-        devices = {self.embed_device, self.head_device, *(lp.device for lp in self.layers)}
-        self.compile_step = compile_step and all(d.type == "cuda" for d in devices)
-        if compile_step and not self.compile_step:
-            log.info("compile_step: the model is not entirely on CUDA devices, step capture skipped")
+        devices = {self.embed_device, self.head_device, *self.layer_devices}
+        self.capture_graphs = capture_graphs and all(d.type == "cuda" for d in devices)
+        if capture_graphs and not self.capture_graphs:
+            log.info("capture_graphs: the model is not entirely on CUDA devices, step capture skipped")
         # (group bounds, segment index) -> the captured graph of that segment for that micro-batch.
         self.step_graphs: dict[tuple[int, int, int], _CapturedSegment] = {}
+        # Per segment device: the [1] long position the captured step reads, written before each replay.
         self._static_pos: dict[torch.device, torch.Tensor] = {}
+        # The model's cache_generation the graphs were recorded against (None: no caches of ours).
+        self._cache_generation: int | None = None
 
     # ----------------------------------------------------------------------------------- planning
-
-    def _row_mask_is_windowed(self) -> bool:
-        cfg, w = self.cfg, self.window
-        mask = build_mask("row", cfg)[: self.seq_fed, : self.seq_fed]  # [S, S]
-        q = torch.arange(self.seq_fed)[:, None]
-        k = torch.arange(self.seq_fed)[None, :]
-        outside = (k >= cfg.text_seq_length) & (k <= q - w)  # image keys older than the window
-        return not bool((mask & outside).any())
 
     def _plan_segments(self) -> list[_Segment]:
         m = self.model
@@ -260,77 +236,33 @@ class ImageTokenDecoder:
                         _device_of(m.image_col_embeddings)}) == 1
         head_ok = _device_of(m.transformer.final_layernorm) == self.head_device
         segments = [_Segment(self.embed_device, True, [], False, embed_ok)]
-        for lp in self.layers:
-            if lp.device != segments[-1].device:
-                segments.append(_Segment(lp.device, False, [], False, True))
-            segments[-1].layers.append(lp.index)
+        for i, dev in enumerate(self.layer_devices):
+            if dev != segments[-1].device:
+                segments.append(_Segment(dev, False, [], False, True))
+            segments[-1].layers.append(i)
         if self.head_device != segments[-1].device:
             segments.append(_Segment(self.head_device, False, [], False, True))
         segments[-1].has_head = True
         segments[-1].capturable = segments[-1].capturable and head_ok
         return segments
 
-    def _mask_table(self, kind: str, windowed: bool, device: torch.device) -> torch.Tensor:
-        """[seq_fed, cache_len] bool: which cache slots the query at each position may read."""
-        key = (kind, windowed, device)
-        table = self._masks.get(key)
-        if table is None:
-            s, t, w = self.seq_fed, self.cfg.text_seq_length, self.window
-            mask = build_mask(kind, self.cfg)[:s, :s]  # type: ignore[arg-type]  # [S, S]
-            if windowed:
-                p = torch.arange(s)[:, None]  # [S, 1]
-                slot = torch.arange(w)[None, :]  # [1, W]
-                held = p - (p - t - slot) % w  # [S, W], newest position <= p stored in each ring slot
-                seen = (held >= t) & mask.gather(1, held.clamp(min=0))  # [S, W]
-                table = torch.cat((mask[:, :t], seen), dim=1)  # [S, t + W]
-            else:
-                table = mask
-            table = table.contiguous().to(device)
-            self._masks[key] = table
-        return table
-
-    def _slot_table(self, windowed: bool, device: torch.device) -> torch.Tensor:
-        """[seq_fed] long: the cache slot that stores each position."""
-        key = (windowed, device)
-        table = self._slots.get(key)
-        if table is None:
-            t = self.cfg.text_seq_length
-            table = torch.arange(self.seq_fed)
-            if windowed:
-                table = torch.where(table < t, table, t + (table - t) % self.window)
-            table = table.to(device)
-            self._slots[key] = table
-        return table
-
-    def _position_table(self, device: torch.device) -> torch.Tensor:
-        table = self._positions.get(device)
-        if table is None:
-            table = torch.arange(self.seq_fed, device=device)
-            self._positions[device] = table
-        return table
-
     def _ensure_caches(self, rows: int) -> None:
-        if self._cache_rows >= rows:
-            return
-        cfg = self.cfg
-        # Drop the old caches first (their memory is needed) and mark them gone, so an allocation
-        # that runs out of memory halfway leaves a decoder that reallocates next time, not a torn one.
-        self.release_caches()
-        caches = []
-        for lp, layer in zip(self.layers, self.blocks):
-            dtype = layer.attention.query_key_value.weight.dtype
-            shape = (rows, cfg.num_attention_heads, lp.cache_len, cfg.head_dim)  # [B, nh, S_cache, hd]
-            # Zeros, not empty: masked slots still enter the attention product, and 0 * NaN is NaN.
-            caches.append((torch.zeros(shape, dtype=dtype, device=lp.device),
-                           torch.zeros(shape, dtype=dtype, device=lp.device)))
-        self._caches = caches
-        self._cache_rows = rows
+        """The model's caches, with at least ``rows`` rows and this decoder's window choice."""
+        m = self.model
+        if m.cache_rows < rows or m.cache_windowed != self.windowed:
+            # Drop the graphs first: they hold the old caches' memory, which the new ones need.
+            self.step_graphs.clear()
+            self._cache_generation = None
+            m.setup_caches(rows, windowed=self.windowed)
+        if self._cache_generation != m.cache_generation:
+            self.step_graphs.clear()  # recorded on caches that another user of the model replaced
+            self._cache_generation = m.cache_generation
 
     def release_caches(self) -> None:
         """Free the KV caches and the captured graphs that point into them; the next call reallocates."""
         self.step_graphs.clear()  # graphs hold the cache addresses
-        self._caches = []
-        self._cache_rows = 0
+        self._cache_generation = None
+        self.model.release_caches()
 
     # ----------------------------------------------------------------------------------- validation
 
@@ -360,9 +292,12 @@ class ImageTokenDecoder:
     # ----------------------------------------------------------------------------------- generation
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest],
-                 on_step: OnStep | None = None) -> list[GenerationOutput | None]:
+    def generate(self, requests: Sequence[GenerationRequest], on_step: OnStep | None = None,
+                 max_rows: int | None = None) -> list[GenerationOutput | None]:
         """Sample ``num_images`` image-token grids per request; same seed, same codes in any batch.
+
+        Rows are decoded in chunks of at most ``max_batch_images`` (and of ``max_rows``, if given: a
+        smaller chunk after an out-of-memory gives the same codes).
 
         ``on_step(n)`` receives the number of decode steps done so far, summed over chunks, at most
         every ``progress_every`` steps; it gets a Python int and never forces a device sync. The
@@ -371,8 +306,11 @@ class ImageTokenDecoder:
         """
         for n, req in enumerate(requests):
             self._check_request(n, req)
+        if max_rows is not None and not _positive_int(max_rows):
+            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
         if not requests:
             return []
+        chunk_rows = min(self.max_batch_images, max_rows or self.max_batch_images)
         seq = self.cfg.image_seq_length
         # One row per image: (request index, image index), in request order.
         rows = [(r, i) for r, req in enumerate(requests) for i in range(req.num_images)]
@@ -380,11 +318,11 @@ class ImageTokenDecoder:
         codes_out = [torch.empty(req.num_images, seq, dtype=torch.long) for req in requests]
         ppl_out = [torch.empty(req.num_images, dtype=torch.float32) for req in requests]
         stopped: set[int] = set()
-        self._ensure_caches(min(self.max_batch_images, len(rows)))
+        self._ensure_caches(min(chunk_rows, len(rows)))
 
         steps_done = 0
-        for c0 in range(0, len(rows), self.max_batch_images):
-            chunk = [row for row in rows[c0 : c0 + self.max_batch_images] if row[0] not in stopped]
+        for c0 in range(0, len(rows), chunk_rows):
+            chunk = [row for row in rows[c0 : c0 + chunk_rows] if row[0] not in stopped]
             if not chunk:
                 continue  # every row of this chunk belongs to stopped requests: no GPU time for it
 
@@ -413,7 +351,8 @@ class ImageTokenDecoder:
         local = {r: n for n, r in enumerate(req_ids)}
         row_req = torch.tensor([local[r] for r, _ in chunk])  # [B], index into this chunk's requests
 
-        first_logits = self._prefill(requests, req_ids, row_req)  # [B, iv] fp32 on head
+        text = torch.stack([requests[r].text_ids.long() for r in req_ids])  # [R, text_seq_length]
+        first_logits = self.model.prefill(text, row_req)  # [B, iv] fp32 on head
         u = torch.stack([uniforms[r][i] for r, i in chunk], dim=1)  # [steps, B], a step's row contiguous
         u = u.to(head)
         temperature = torch.tensor([requests[r].sampling.temperature for r, _ in chunk],
@@ -452,7 +391,7 @@ class ImageTokenDecoder:
                     # Move the surviving rows to the front of the caches and of every per-row tensor.
                     # Each row's randomness is its own, so the survivors' codes do not change.
                     idx = torch.tensor(keep)
-                    self._compact_caches(idx, len(chunk))
+                    self.model.compact_caches(idx, len(chunk))
                     head_idx = idx.to(head)
                     all_logits = torch.cat(logits).index_select(0, head_idx)  # [B', iv]
                     u, codes = u[:, head_idx], codes[:, head_idx]
@@ -466,115 +405,66 @@ class ImageTokenDecoder:
         ppl = torch.where(ppl_count > 0, ppl_sum / ppl_count.clamp(min=1), torch.ones_like(ppl_sum))
         return chunk, codes.t().cpu(), ppl.cpu()
 
-    def _compact_caches(self, keep: torch.Tensor, rows: int) -> None:
-        """Copy cache rows ``keep`` (ascending indices into the first ``rows``) to the front."""
-        for lp, (k_cache, v_cache) in zip(self.layers, self._caches):
-            idx = keep.to(lp.device)
-            k_cache[: len(keep)] = k_cache[:rows].index_select(0, idx)
-            v_cache[: len(keep)] = v_cache[:rows].index_select(0, idx)
-
     def _groups(self, b: int) -> list[_Group]:
         m = min(self.microbatches, b)
         bounds = [b * k // m for k in range(m + 1)]
         return [_Group(bounds[k], bounds[k + 1]) for k in range(m)]
 
-    def _prefill(self, requests: Sequence[GenerationRequest], req_ids: list[int],
-                 row_req: torch.Tensor) -> torch.Tensor:
-        """Run each request's text once, copy its K/V into its rows' caches; first-token logits [B, iv]."""
-        model, n_text, b = self.model, self.n_text, row_req.shape[0]
-        text = torch.stack([requests[r].text_ids.long() for r in req_ids])  # [R, text_seq_length]
-        x = model.embed_text(text)  # [R, n_text, h]
-        for lp, layer in zip(self.layers, self.blocks):
-            dev = lp.device
-            x = _to(x, dev)
-            q, k, v = layer.qkv(layer.input_layernorm(x))  # each [R, nh, n_text, hd]
-            x = x + layer.attn_out(attention(q, k, v, model.layer_mask(lp.index, dev)[:n_text, :n_text]))
-            x = layer.mlp_block(x)
-            rows = _to(row_req, dev)
-            slots = self._slot_table(lp.windowed, dev)[:n_text]
-            k_cache, v_cache = self._caches[lp.index]
-            k_cache[:b].index_copy_(2, slots, k.index_select(0, rows))
-            v_cache[:b].index_copy_(2, slots, v.index_select(0, rows))
-        logits = self._head(x[:, -1:])  # [R, iv]
-        return logits.index_select(0, _to(row_req, logits.device))
-
-    def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden states [B, 1, h] -> image logits [B, iv] float32 (only the image columns are computed)."""
-        m, iv = self.model, self.cfg.image_vocab_size
-        x = m.transformer.final_layernorm(_to(x, _device_of(m.transformer.final_layernorm)))
-        x = m.to_logits[0](_to(x, self.head_device))
-        proj = cast(torch.nn.Linear, m.to_logits[1])
-        return F.linear(x[:, -1], proj.weight[-iv:], proj.bias[-iv:]).float()  # [B, iv]
-
     # ----------------------------------------------------------------------------------- the step
 
     def _forward_token(self, g: _Group, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Feed tokens [Bg] at sequence position ``pos``; returns the next image logits [Bg, iv] fp32."""
-        x = tokens
-        if self.compile_step:
-            if not self._static_pos:
-                for dev in {seg.device for seg in self.segments}:
-                    self._static_pos[dev] = torch.zeros(1, dtype=torch.long, device=dev)
-            for dev, buf in self._static_pos.items():
-                buf.copy_(self._position_table(dev)[pos : pos + 1])
-            for n, seg in enumerate(self.segments):
-                x = _to(x, seg.device)
-                if not seg.capturable:
-                    x = self._segment(g, seg, x, None)
-                    continue
-                try:
-                    graph = self._captured(g, n, x)
-                except torch.cuda.OutOfMemoryError:
-                    raise  # the caller splits the batch and retries; capture itself is not at fault
-                except Exception:
-                    # A capture that fails (driver, allocator, an op that cannot be captured) must cost
-                    # speed, not requests: finish this step and every later one eagerly.
-                    log.exception("decode step capture failed; continuing without CUDA graphs")
-                    self.compile_step = False
-                    self.step_graphs.clear()
-                    for rest in self.segments[n:]:
-                        x = self._segment(g, rest, _to(x, rest.device), pos)
-                    return x
-                x = graph(x)
-            return x
-        for seg in self.segments:
+        if self.capture_graphs:
+            return self._step_graphed(g, tokens, pos)
+        return self._step_eager(g, tokens, pos)
+
+    def _step_eager(self, g: _Group, x: torch.Tensor, pos: int, segments: int = 0) -> torch.Tensor:
+        """Segments ``segments``.. of the step with a Python-int position (full caches sliced to the prefix)."""
+        for seg in self.segments[segments:]:
             x = self._segment(g, seg, _to(x, seg.device), pos)
         return x
 
-    def _segment(self, g: _Group, seg: _Segment, x: torch.Tensor, pos: int | None) -> torch.Tensor:
-        """One device's part of the step. ``pos`` None reads the position from the static buffer
-        (graph capture) and attends over whole caches; an int slices full caches to the visible prefix.
-        """
-        dev = seg.device
-        pos_t = (self._static_pos[dev] if pos is None
-                 else self._position_table(dev)[pos : pos + 1])  # [1] long on dev
-        if seg.has_embed:
-            x = self.model.embed_image(x[:, None], start=pos_t - self.n_text)  # [Bg, 1, h]
-        slots: dict[bool, torch.Tensor] = {}
-        masks: dict[tuple[str, bool], torch.Tensor] = {}
-        for i in seg.layers:
-            lp, layer = self.layers[i], self.blocks[i]
-            if lp.windowed not in slots:
-                slots[lp.windowed] = self._slot_table(lp.windowed, dev).index_select(0, pos_t)  # [1]
-            if (lp.kind, lp.windowed) not in masks:
-                table = self._mask_table(lp.kind, lp.windowed, dev)
-                masks[lp.kind, lp.windowed] = (table.index_select(0, pos_t) if pos is None
-                                               else table[pos : pos + 1])  # [1, cache_len]
-            k_cache, v_cache = self._caches[i]
-            k_cache, v_cache = k_cache[g.r0 : g.r1], v_cache[g.r0 : g.r1]  # [Bg, nh, cache_len, hd]
-            mask = masks[lp.kind, lp.windowed]
-            q, k, v = layer.qkv(layer.input_layernorm(x))  # each [Bg, nh, 1, hd]
-            k_cache.index_copy_(2, slots[lp.windowed], k)
-            v_cache.index_copy_(2, slots[lp.windowed], v)
-            if pos is not None and not lp.windowed:
-                # Full cache: keys after pos are not written yet and are masked anyway; skip them.
-                visible = pos + 1
-                k_cache, v_cache, mask = k_cache[:, :, :visible], v_cache[:, :, :visible], mask[:, :visible]
-            x = x + layer.attn_out(attention(q, k_cache, v_cache, mask))
-            x = layer.mlp_block(x)
-        if seg.has_head:
-            x = self._head(x)
+    def _step_graphed(self, g: _Group, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """The step through captured graphs, the position read from the static device buffers."""
+        if not self._static_pos:
+            for dev in {seg.device for seg in self.segments}:
+                self._static_pos[dev] = torch.zeros(1, dtype=torch.long, device=dev)
+        for buf in self._static_pos.values():
+            buf.fill_(pos)
+        for n, seg in enumerate(self.segments):
+            x = _to(x, seg.device)
+            if not seg.capturable:
+                x = self._segment_static(g, seg, x)
+                continue
+            try:
+                graph = self._captured(g, n, x)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller splits the batch and retries; capture itself is not at fault
+            except Exception:
+                # A capture that fails (driver, allocator, an op that cannot be captured) must cost
+                # speed, not requests: finish this step and every later one eagerly.
+                log.exception("decode step capture failed; continuing without CUDA graphs")
+                self.capture_graphs = False
+                self.step_graphs.clear()
+                return self._step_eager(g, x, pos, segments=n)
+            x = graph(x)
         return x
+
+    def _segment(self, g: _Group, seg: _Segment, x: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """One device's part of the step for micro-batch ``g``: tokens [Bg] or hidden [Bg, 1, h] in,
+        hidden [Bg, 1, h] or (the head's segment) image logits [Bg, iv] fp32 out.
+        """
+        m = self.model
+        if seg.has_embed:
+            x = m.embed_step(x, pos)  # [Bg, 1, h]
+        x = m.step_layers(x, pos, seg.layers, rows=slice(g.r0, g.r1))
+        if seg.has_head:
+            x = m.image_logits(x[:, -1])  # [Bg, iv]
+        return x
+
+    def _segment_static(self, g: _Group, seg: _Segment, x: torch.Tensor) -> torch.Tensor:
+        """``_segment`` at the position in the device's static buffer: what a captured graph records."""
+        return self._segment(g, seg, x, self._static_pos[seg.device])
 
     def _captured(self, g: _Group, n: int, x: torch.Tensor) -> _CapturedSegment:
         """The CUDA graph of segment ``n`` for micro-batch ``g``, recorded on first use."""
@@ -591,6 +481,6 @@ class ImageTokenDecoder:
             # Capture on the segment's own GPU: torch's default capture stream belongs to the current
             # device, which for the later stages of a multi-GPU split is another one.
             with torch.cuda.device(seg.device):
-                graph = _CapturedSegment(lambda inp: self._segment(g, seg, inp, None), x)
+                graph = _CapturedSegment(lambda inp: self._segment_static(g, seg, inp), x)
             self.step_graphs[key] = graph
         return graph

@@ -19,6 +19,7 @@ from app.engine.nets.decoding import (
     filter_logits,
     sample_tokens,
 )
+from app.engine.nets.kv_cache import RowWindowCache
 
 # 4 layers: row, col, row, conv. A 6x6 grid is long enough (36 positions) to wrap a 7-slot row ring.
 SMALL = DalleConfig(num_layers=4, hidden_size=32, num_attention_heads=4, text_seq_length=8,
@@ -120,11 +121,12 @@ def test_cached_step_logits_equal_full_forward_at_every_step(monkeypatch, hf_ver
 def test_window_cache_gives_full_cache_tokens_and_logits_on_the_32x32_grid(monkeypatch, grid32_model):
     cfg = GRID32
     windowed = ImageTokenDecoder(grid32_model, 4, windowed=True)
-    row_caches = {lp.cache_len for lp in windowed.layers if lp.kind == "row"}
-    assert row_caches == {cfg.text_seq_length + cfg.image_tokens_per_dim + 1}
     reqs = [request(cfg, seed=5, num_images=2)]
     seen = record_logits(monkeypatch)
     out_w = windowed.generate(reqs)[0]
+    row_caches = {layer.attention.kv_cache.length for i, layer in enumerate(grid32_model.transformer.layers)
+                  if layer_mask_kind(i, cfg.num_layers) == "row"}
+    assert row_caches == {cfg.text_seq_length + cfg.image_tokens_per_dim + 1}
     logits_w = torch.stack(seen, dim=1)
     seen.clear()
     out_f = ImageTokenDecoder(grid32_model, 4, windowed=False).generate(reqs)[0]
@@ -137,13 +139,17 @@ def test_window_cache_gives_full_cache_tokens_and_logits_on_the_32x32_grid(monke
 
 
 def test_row_layers_keep_a_ring_and_other_layers_a_full_cache(small_model):
-    dec = ImageTokenDecoder(small_model, 2)
-    for lp in dec.layers:
-        assert lp.kind == layer_mask_kind(lp.index, SMALL.num_layers)
-        full = SMALL.n_text + SMALL.image_seq_length - 1
-        expected = SMALL.text_seq_length + 7 if lp.kind == "row" else full
-        assert lp.cache_len == expected
-    assert all(lp.cache_len == dec.seq_fed for lp in ImageTokenDecoder(small_model, 2, windowed=False).layers)
+    full = SMALL.n_text + SMALL.image_seq_length - 1
+    ImageTokenDecoder(small_model, 2)._ensure_caches(2)
+    caches = small_model.kv_caches
+    assert len(caches) == SMALL.num_layers
+    for i, cache in enumerate(caches):
+        kind = layer_mask_kind(i, SMALL.num_layers)
+        assert isinstance(cache, RowWindowCache) == (kind == "row")
+        expected = SMALL.text_seq_length + 7 if kind == "row" else full
+        assert cache.length == expected
+    ImageTokenDecoder(small_model, 2, windowed=False)._ensure_caches(2)
+    assert all(cache.length == full for cache in small_model.kv_caches)
 
 
 def test_microbatches_give_the_same_codes_as_one_batch(small_model):
@@ -376,11 +382,11 @@ def test_stopping_every_request_ends_generation_at_the_tick(monkeypatch, small_m
     assert len(fed) == dec.progress_every  # the first tick stopped everything
 
 
-def test_compile_step_is_a_noop_on_cpu(small_model, caplog):
+def test_capture_graphs_is_a_noop_on_cpu(small_model, caplog):
     reqs = [request(SMALL, seed=4, num_images=2)]
     with caplog.at_level("INFO", logger="app.engine.nets.decoding"):
-        dec = ImageTokenDecoder(small_model, 4, compile_step=True)
-    assert not dec.compile_step and "skipped" in caplog.text
+        dec = ImageTokenDecoder(small_model, 4, capture_graphs=True)
+    assert not dec.capture_graphs and "skipped" in caplog.text
     assert torch.equal(dec.generate(reqs)[0].codes, ImageTokenDecoder(small_model, 4).generate(reqs)[0].codes)
     assert dec.step_graphs == {}
 
@@ -413,7 +419,7 @@ def test_captured_cuda_step_gives_the_eager_codes():
     model = make_model(SMALL).cuda()
     reqs = [request(SMALL, seed=1, num_images=3), request(SMALL, seed=2, num_images=2, text_seed=3)]
     eager = ImageTokenDecoder(model, 4, microbatches=2).generate(reqs)
-    captured_dec = ImageTokenDecoder(model, 4, microbatches=2, compile_step=True)
+    captured_dec = ImageTokenDecoder(model, 4, microbatches=2, capture_graphs=True)
     captured = captured_dec.generate(reqs)
     assert captured_dec.step_graphs
     for a, b in zip(eager, captured):
@@ -427,7 +433,7 @@ def test_static_position_step_path_gives_the_eager_codes(small_model):
     reqs = [request(SMALL, seed=6, num_images=3), request(SMALL, seed=7, num_images=2, text_seed=1)]
     eager = ImageTokenDecoder(small_model, 4, microbatches=2).generate(reqs)
     static = ImageTokenDecoder(small_model, 4, microbatches=2)
-    static.compile_step = True
+    static.capture_graphs = True
     for seg in static.segments:
         seg.capturable = False
     out = static.generate(reqs)
@@ -449,10 +455,10 @@ def test_failed_step_capture_falls_back_to_eager_with_the_same_codes(small_model
 
     monkeypatch.setattr(decoding, "_CapturedSegment", FailingCapture)
     dec = ImageTokenDecoder(small_model, 4)
-    dec.compile_step = True
+    dec.capture_graphs = True
     with caplog.at_level(logging.ERROR, logger="app.engine.nets.decoding"):
         out = dec.generate(reqs)
-    assert not dec.compile_step and dec.step_graphs == {}
+    assert not dec.capture_graphs and dec.step_graphs == {}
     assert "capture failed" in caplog.text
     assert torch.equal(out[0].codes, eager[0].codes)
     torch.testing.assert_close(out[0].ppl, eager[0].ppl, atol=1e-6, rtol=1e-6)
