@@ -9,17 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import pickle
 import time
 import types
 import typing
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+# Re-exported: callers and tests name them as store.ModelStoreError, store.read_state_dict, ...
+from app.engine.checkpoints import ModelStoreError, check_state_dict, read_state_dict
+from app.engine.nets.checks import manifest_keys
 from app.engine.nets.dalle import MASK_BUFFERS, DalleConfig, DalleModel, expected_dalle_tensors
 from app.engine.nets.realesrgan import (
     RealESRGANConfig,
@@ -27,7 +29,13 @@ from app.engine.nets.realesrgan import (
     expected_realesrgan_tensors,
     unwrap_realesrgan_state_dict,
 )
-from app.engine.nets.vqgan import VQGANConfig, VQGANDecoder, expected_vqgan_tensors, vqgan_decode_tensor_names
+from app.engine.nets.vqgan import (
+    DDConfig,
+    VQGANConfig,
+    VQGANDecoder,
+    expected_vqgan_tensors,
+    vqgan_decode_tensor_names,
+)
 
 if TYPE_CHECKING:
     from app.engine.nets.clip import ClipRanker
@@ -36,12 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "model.json"
-# Problems listed in one error before the rest are only counted: a wrong config can mismatch every tensor.
-MAX_LISTED_PROBLEMS = 25
-
-
-class ModelStoreError(Exception):
-    """A model directory, manifest or checkpoint problem; the message names the file (and tensor)."""
 
 
 @dataclass
@@ -68,17 +70,12 @@ class Manifest:
 # --------------------------------------------------------------------------------------------- manifest
 
 _KNOWN_TOP_KEYS = ("name", "dalle", "tokenizer", "vqgan", "realesrgan", "ruclip")
-# The architecture keys SPEC.md section 2 requires in each block (a model directory names every one).
-DALLE_KEYS = (
-    "num_layers", "hidden_size", "num_attention_heads", "text_seq_length", "image_tokens_per_dim",
-    "vocab_size", "image_vocab_size", "hf_version", "cogview_sandwich_layernorm", "cogview_pb_relax",
-)
-VQGAN_KEYS = ("embed_dim", "n_embed", "ddconfig")
-DDCONFIG_KEYS = (
-    "double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult", "num_res_blocks",
-    "attn_resolutions", "dropout",
-)
-REALESRGAN_KEYS = ("scale", "num_feat", "num_block", "num_grow_ch")
+# The architecture keys SPEC.md section 2 requires in each block (a model directory names every one):
+# every field of the block's config dataclass that is not marked OPTIONAL_IN_MANIFEST.
+DALLE_KEYS = manifest_keys(DalleConfig)
+VQGAN_KEYS = manifest_keys(VQGANConfig)
+DDCONFIG_KEYS = manifest_keys(DDConfig)
+REALESRGAN_KEYS = manifest_keys(RealESRGANConfig)
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -106,15 +103,17 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _check_block_keys(
     block: Mapping[str, Any], keys: Iterable[str], cls: type, where: str, file: Path
 ) -> None:
-    """Every required key must be in the block, with a value of the config field's type."""
+    """Every required key must be in the block, and every key of a config field (required or optional)
+    that is there must have a value of the field's type."""
     try:
         hints = typing.get_type_hints(cls)
     except (NameError, TypeError):  # an annotation we cannot resolve: leave typing to from_manifest
         hints = {}
     for name in keys:
-        key = f"{where}.{name}"
         if name not in block:
-            raise ModelStoreError(f"{file}: missing key {key!r}")
+            raise ModelStoreError(f"{file}: missing key '{where}.{name}'")
+    for name in [f.name for f in dataclasses.fields(cls) if f.name in block]:
+        key = f"{where}.{name}"
         value = block[name]
         hint = hints.get(name, Any)
         if not _type_ok(value, hint):
@@ -151,13 +150,7 @@ def _config(cls: Any, block: dict[str, Any], where: str, file: Path) -> Any:
         dd = block["ddconfig"]
         if not isinstance(dd, dict):
             raise ModelStoreError(f"{file}: 'vqgan.ddconfig' must be an object, got {dd!r}")
-        dd_cls = typing.get_type_hints(cls).get("ddconfig")
-        if isinstance(dd_cls, type) and dataclasses.is_dataclass(dd_cls):
-            _check_block_keys(dd, DDCONFIG_KEYS, dd_cls, "vqgan.ddconfig", file)
-        else:
-            for name in DDCONFIG_KEYS:
-                if name not in dd:
-                    raise ModelStoreError(f"{file}: missing key 'vqgan.ddconfig.{name}'")
+        _check_block_keys(dd, DDCONFIG_KEYS, DDConfig, "vqgan.ddconfig", file)
     else:
         _check_block_keys(block, REALESRGAN_KEYS, cls, where, file)
     try:
@@ -265,95 +258,6 @@ def expected_tensors(manifest: Manifest) -> dict[str, dict[str, tuple[int, ...]]
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-
-
-def read_state_dict(path: str | Path, *, mmap: bool = True) -> dict[str, Any]:
-    """Read a checkpoint safely: ``torch.load(weights_only=True)`` (memory-mapped) or safetensors.
-
-    Returns the top-level dict as stored (a wrapper such as ``{"state_dict": ...}`` is not unwrapped).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelStoreError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path), device="cpu"))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelStoreError(f"cannot read safetensors checkpoint {path}: {exc}") from exc
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError as exc:
-            # Files written by torch < 1.6 (legacy, non-zip format) cannot be memory-mapped.
-            if not (mmap and "mmap" in str(exc)):
-                raise
-            log.warning("%s: legacy format, cannot be memory-mapped; reading it into memory", path)
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as exc:
-        raise ModelStoreError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(weights_only=True): {str(exc).splitlines()[0]}"
-        ) from exc
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
-        raise ModelStoreError(f"cannot read checkpoint {path} (corrupt or truncated?): {exc}") from exc
-    if not isinstance(obj, dict):
-        raise ModelStoreError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
-
-
-def _shape(shape: Iterable[int]) -> list[int]:
-    return [int(s) for s in shape]
-
-
-def check_state_dict(
-    sd: Mapping[str, Any],
-    expected: Mapping[str, Iterable[int]],
-    file: str | Path,
-    *,
-    allowed_extra: Collection[str] = (),
-    ignore_prefixes: Iterable[str] = (),
-    optional: Collection[str] = (),
-    ignore_unknown: bool = False,
-) -> None:
-    """Compare a state dict with the expected names and shapes; one error lists every problem.
-
-    ``allowed_extra`` names (e.g. the ruDALL-E mask buffers) and names under ``ignore_prefixes`` may be
-    present or not; ``optional`` expected names may be absent but are shape-checked when present;
-    ``ignore_unknown`` accepts any other extra name.
-    """
-    prefixes = tuple(ignore_prefixes)
-    problems: list[str] = []
-    for name, shape in expected.items():
-        want = _shape(shape)
-        if name not in sd:
-            if name not in optional:
-                problems.append(f"{file}: missing tensor {name!r} (expected shape {want})")
-            continue
-        value = sd[name]
-        if not isinstance(value, torch.Tensor):
-            kind = type(value).__name__
-            problems.append(f"{file}: {name!r} is a {kind}, expected a tensor of shape {want}")
-        elif _shape(value.shape) != want:
-            problems.append(f"{file}: tensor {name!r} has shape {_shape(value.shape)}, expected {want}")
-    if not ignore_unknown:
-        for name in sd:
-            if name in expected or name in allowed_extra or (prefixes and str(name).startswith(prefixes)):
-                continue
-            value = sd[name]
-            found = _shape(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            problems.append(f"{file}: unexpected tensor {name!r} (shape {found})")
-    if problems:
-        listed = problems[:MAX_LISTED_PROBLEMS]
-        more = len(problems) - len(listed)
-        tail = f"\n  ... and {more} more" if more else ""
-        raise ModelStoreError(
-            f"checkpoint {file} does not match the manifest's architecture ({len(problems)} problems):\n  "
-            + "\n  ".join(listed)
-            + tail
-        )
 
 
 def device_for(name: str, device_map: Mapping[str, str | torch.device] | None) -> torch.device:

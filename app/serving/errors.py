@@ -38,10 +38,6 @@ class RequestInvalid(ServiceError):
     status = 400
 
 
-class PayloadTooLarge(ServiceError):
-    status = 413
-
-
 class QueueFull(ServiceError):
     """The bounded request queue is full (503 with Retry-After)."""
 

@@ -227,7 +227,7 @@ def _unwrap_lightning(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _check(report: VerifyReport, what: str, fn: Callable[[], None]) -> None:
-    from app.engine.store import ModelStoreError
+    from app.engine.checkpoints import ModelStoreError
 
     try:
         fn()
@@ -243,7 +243,7 @@ def _checkpoint_check(
     unwrap: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     **kwargs: Any,
 ) -> Callable[[], None]:
-    from app.engine.store import check_state_dict, read_state_dict
+    from app.engine.checkpoints import check_state_dict, read_state_dict
 
     def run() -> None:
         obj = read_state_dict(path, mmap=True)
@@ -382,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from app.engine.store import ModelStoreError
+    from app.engine.checkpoints import ModelStoreError
 
     try:
         if args.command == "download":

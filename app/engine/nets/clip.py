@@ -12,7 +12,7 @@ import ruclip
 import torch
 from PIL import Image
 
-from app.engine.store import ModelStoreError, check_state_dict, read_state_dict
+from app.engine.checkpoints import ModelStoreError, check_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
 

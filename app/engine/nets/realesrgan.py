@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.nets.checks import positive_int
+from app.engine.nets.checks import OPTIONAL_IN_MANIFEST, manifest_values, positive_int
 
 __all__ = [
     "RRDBNet",
@@ -43,8 +43,8 @@ class RealESRGANConfig:
     num_feat: int = 64
     num_block: int = 23
     num_grow_ch: int = 32
-    num_in_ch: int = 3
-    num_out_ch: int = 3
+    num_in_ch: int = field(default=3, metadata=OPTIONAL_IN_MANIFEST)
+    num_out_ch: int = field(default=3, metadata=OPTIONAL_IN_MANIFEST)
 
     def __post_init__(self) -> None:
         for name in ("num_feat", "num_block", "num_grow_ch", "num_in_ch", "num_out_ch"):
@@ -57,18 +57,7 @@ class RealESRGANConfig:
         """Build from model.json's ``realesrgan`` block; ``checkpoint`` and unknown keys are ignored."""
         if not isinstance(block, Mapping):
             raise ValueError(f"realesrgan must be an object, got {type(block).__name__}")
-        values: dict[str, Any] = {}
-        for key in ("scale", "num_feat", "num_block", "num_grow_ch"):
-            if key not in block:
-                raise ValueError(f"realesrgan: missing key {key!r}")
-            values[key] = block[key]
-        for key in ("num_in_ch", "num_out_ch"):
-            if key in block:
-                values[key] = block[key]
-        return cls(**values)
-
-
-REALESRGAN_PRESETS: dict[str, RealESRGANConfig] = {"x4": RealESRGANConfig(scale=4)}
+        return cls(**manifest_values(cls, block, "realesrgan"))
 
 
 class ResidualDenseBlock(nn.Module):

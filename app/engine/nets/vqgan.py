@@ -360,6 +360,10 @@ def vqgan_decode_tensor_names(cfg: VQGANConfig) -> set[str]:
     return set(model.state_dict())
 
 
+#: Images per pass of `VQGANDecoder.decode` unless told otherwise.
+DECODE_CHUNK = 8
+
+
 class VQGANDecoder(nn.Module):
     """Image tokens -> RGB, as ruDALL-E's ``VQGanGumbelVAE.decode`` followed by ``to_pil_image``.
 
@@ -367,9 +371,11 @@ class VQGANDecoder(nn.Module):
     checkpoint loads with ``strict=True``.
     """
 
-    def __init__(self, cfg: VQGANConfig) -> None:
+    def __init__(self, cfg: VQGANConfig, *, chunk: int = DECODE_CHUNK) -> None:
         super().__init__()
         self.cfg = cfg
+        #: How many images go through the decoder at once in `decode` (bounds its activation memory).
+        self.chunk = positive_int(chunk, "chunk")
         self.decoder = Decoder(cfg.ddconfig)
         self.post_quant_conv = _conv1(cfg.embed_dim, cfg.ddconfig.z_channels)
         self.quantize = _Quantize(cfg, with_proj=False)
@@ -404,15 +410,10 @@ class VQGANDecoder(nn.Module):
         return self.decoder(self.post_quant_conv(self.latents(codes)))
 
     @torch.inference_mode()
-    def decode(self, codes: torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
-        """codes LongTensor [B, n] -> uint8 RGB [B, H, W, 3] on the CPU.
-
-        ``chunk`` bounds how many images go through the decoder at once (default: all).
-        """
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes LongTensor [B, n] -> uint8 RGB [B, H, W, 3] on the CPU, `self.chunk` images at a time."""
         side = self._check_codes(codes)
-        if chunk is not None and chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        step = chunk or max(1, codes.shape[0])
+        step = self.chunk
         outs = [self._to_uint8(self(codes[i : i + step])) for i in range(0, codes.shape[0], step)]
         if not outs:
             res = side * 2 ** (len(self.cfg.ddconfig.ch_mult) - 1)
