@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from app.serving.http import LockedRepository, configure_app
-from app.serving.logs import LOG_FORMATS, configure_logging
-from app.serving.model import KandinskyModel, ServerSettings
+from app.serving.logs import configure_logging
+from app.serving.model import KandinskyModel
+from app.serving.settings import ServerSettings
 
 log = logging.getLogger("app")
 
@@ -31,38 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.set_defaults(model_name="kandinsky")
-    parser.add_argument("--model_dir", default="/mnt/models", help="Model directory holding model.json.")
-    parser.add_argument(
-        "--device",
-        default="auto",
-        help="auto (every CUDA device, else the CPU), cpu, or a list such as cuda:0,cuda:1,cuda:2.",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp16 on CUDA (as ruDALL-E runs the weights), fp32 on the CPU; bf16 needs Ampere+.",
-    )
-    parser.add_argument(
-        "--max_batch_images", type=int, default=0, help="Images per merged batch; 0 derives it from memory."
-    )
-    parser.add_argument(
-        "--max_images_per_request", type=int, default=16, help="Images per request, all instances."
-    )
-    parser.add_argument("--queue_size", type=int, default=32, help="Requests that may wait; beyond: 503.")
-    parser.add_argument(
-        "--request_timeout", type=float, default=600.0, help="Server deadline per request in seconds (504)."
-    )
-    parser.add_argument("--max_body_bytes", type=int, default=1 << 20, help="Request body limit (413).")
-    parser.add_argument(
-        "--body_timeout", type=float, default=30.0, help="Seconds for a request body to arrive (408)."
-    )
-    parser.add_argument(
-        "--log_format",
-        default="text",
-        choices=list(LOG_FORMATS),
-        help="text: one human-readable line per record; json: one JSON object per line.",
-    )
+    for setting in dataclasses.fields(ServerSettings):
+        options: dict[str, Any] = {"default": setting.default, **setting.metadata}  # help, choices
+        if not isinstance(setting.default, str):
+            options["type"] = type(setting.default)
+        parser.add_argument(f"--{setting.name}", **options)
     return parser
 
 
@@ -123,18 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise SettingsError(f"--max_batch_images: must be >= 0 (0 = derive from memory), got {got}")
     if args.workers != 1:
         raise SettingsError("--workers: must be 1 (one process owns the GPUs; batching happens inside it)")
-    return ServerSettings(
-        model_dir=str(model_dir),
-        device=device,
-        dtype=args.dtype,
-        max_batch_images=args.max_batch_images,
-        max_images_per_request=args.max_images_per_request,
-        queue_size=args.queue_size,
-        request_timeout=args.request_timeout,
-        max_body_bytes=args.max_body_bytes,
-        body_timeout=args.body_timeout,
-        log_format=args.log_format,
-    )
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)}
+    return ServerSettings(**{**given, "model_dir": str(model_dir), "device": device})
 
 
 def main(argv: list[str] | None = None) -> int:

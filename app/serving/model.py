@@ -6,7 +6,6 @@ What the HTTP app adds around it (middleware, routes, the API document) is in ap
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import kserve
@@ -20,24 +19,9 @@ from app.serving.errors import (
 )
 from app.serving.scheduler import Scheduler
 from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings
+from app.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """Everything `python -m app` adds to KServe's flags."""
-
-    model_dir: str = "/mnt/models"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch_images: int = 0  # 0: derived from free memory by the placement planner
-    max_images_per_request: int = 16
-    queue_size: int = 32
-    request_timeout: float = 600.0
-    max_body_bytes: int = 1 << 20
-    body_timeout: float = 30.0
-    log_format: str = "text"
 
 
 class KandinskyModel(kserve.Model):

@@ -46,6 +46,7 @@ from app.engine.params import (
     STAGES,
 )
 from app.serving.errors import RequestInvalid
+from app.serving.settings import ServerSettings
 
 MAX_QUERY_CHARS = 1000
 MAX_INSTANCES = 16
@@ -71,7 +72,7 @@ else:
 class Limits:
     """What bounds the parameters: the server's flag and the loaded model (the validation context)."""
 
-    max_images_per_request: int = 16
+    max_images_per_request: int = ServerSettings.max_images_per_request
     image_vocab_size: int = 8192
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from app.engine.pipeline import Job, Pipeline
 from app.engine.store import ModelStoreError
 from app.serving.errors import RequestInvalid
 from app.serving.schema import Limits, Schema
+from app.serving.settings import ServerSettings
 
 log = logging.getLogger("app.tools.generate")
 
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="out", help="output folder (created)")
     parser.add_argument("--device", default="cpu", help="auto, cpu, or cuda:0[,cuda:1,...]")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
-    parser.add_argument("--max_images_per_request", type=int, default=16)
+    parser.add_argument(
+        "--max_images_per_request", type=int, default=ServerSettings.max_images_per_request
+    )
     for name, kind in _PARAM_TYPES.items():
         parser.add_argument(f"--{name}", type=kind, default=None)
     parser.add_argument(

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from app.engine.checkpoints import ModelStoreError, check_state_dict, read_state_dict
+from app.engine.nets.checks import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,10 @@ def read_clip_config(folder: str | Path) -> dict[str, int]:
     for key in CLIP_CONFIG_KEYS:
         if key not in raw:
             raise ModelStoreError(f"ruCLIP config {path} lacks the key {key!r}")
-        value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ModelStoreError(f"ruCLIP config {path}: {key!r} must be a positive integer, got {value!r}")
-        config[key] = value
+        try:
+            config[key] = positive_int(raw[key], f"ruCLIP config {path}: {key!r}")
+        except ValueError as exc:
+            raise ModelStoreError(str(exc)) from None
     return config
 
 

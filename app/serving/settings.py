@@ -1,0 +1,46 @@
+"""The server's settings: what `python -m app` adds to KServe's flags, each with its default and help.
+
+`ServerSettings` is the one place a default is written: the command line (`app.__main__.build_parser`)
+makes one flag per field from it, and the request schema's default limits and the generate CLI read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.serving.logs import LOG_FORMATS
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _flag(default: Any, help: str, **argparse: Any) -> Any:
+    """A settings field: its default, and its command-line help (and argparse extras such as choices)."""
+    return field(default=default, metadata={"help": help, **argparse})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything `python -m app` adds to KServe's flags (`--<field name>`)."""
+
+    model_dir: str = _flag("/mnt/models", "Model directory holding model.json.")
+    device: str = _flag(
+        "auto", "auto (every CUDA device, else the CPU), cpu, or a list such as cuda:0,cuda:1,cuda:2."
+    )
+    dtype: str = _flag(
+        "auto",
+        "auto: fp16 on CUDA (as ruDALL-E runs the weights), fp32 on the CPU; bf16 needs Ampere+.",
+        choices=list(DTYPES),
+    )
+    # 0: derived from free memory by the placement planner
+    max_batch_images: int = _flag(0, "Images per merged batch; 0 derives it from memory.")
+    max_images_per_request: int = _flag(16, "Images per request, all instances.")
+    queue_size: int = _flag(32, "Requests that may wait; beyond: 503.")
+    request_timeout: float = _flag(600.0, "Server deadline per request in seconds (504).")
+    max_body_bytes: int = _flag(1 << 20, "Request body limit (413).")
+    body_timeout: float = _flag(30.0, "Seconds for a request body to arrive (408).")
+    log_format: str = _flag(
+        "text",
+        "text: one human-readable line per record; json: one JSON object per line.",
+        choices=list(LOG_FORMATS),
+    )
