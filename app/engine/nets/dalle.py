@@ -16,7 +16,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -283,8 +283,9 @@ class DalleLayer(nn.Module):
         x = x + self.attn_out(attention(q, k, v, mask))
         return self.mlp_block(x)
 
-    def forward_cached(self, x: torch.Tensor, pos: int | torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
-        """x [Bg, T, h] at positions pos.. (see ``KVCache.update`` for ``pos`` and ``rows``) -> [Bg', T, h]."""
+    def forward_cached(self, x: torch.Tensor, pos: int | torch.Tensor,
+                       rows: slice | torch.Tensor) -> torch.Tensor:
+        """x [Bg, T, h] at positions pos.. (``KVCache.update`` tells ``pos`` and ``rows``) -> [Bg', T, h]."""
         cache = self.attention.kv_cache
         if cache is None:
             raise RuntimeError("no KV cache: call DalleModel.setup_caches first")
@@ -351,9 +352,14 @@ class DalleModel(nn.Module):
     # ------------------------------------------------------------------------------- KV caches
 
     @property
+    def blocks(self) -> list[DalleLayer]:
+        """``transformer.layers``, typed."""
+        return cast(list[DalleLayer], list(self.transformer.layers))
+
+    @property
     def kv_caches(self) -> list[KVCache]:
         """The layers' caches, in layer order (empty when none are set up)."""
-        caches = [layer.attention.kv_cache for layer in self.transformer.layers]
+        caches = [layer.attention.kv_cache for layer in self.blocks]
         return [c for c in caches if c is not None]
 
     def setup_caches(self, rows: int, *, windowed: bool = True) -> None:
@@ -367,7 +373,7 @@ class DalleModel(nn.Module):
         self.release_caches()
         s, t, w = cached_positions(cfg), cfg.text_seq_length, row_window(cfg)
         try:
-            for i, layer in enumerate(self.transformer.layers):
+            for i, layer in enumerate(self.blocks):
                 dev, kind = _device_of(layer), layer_mask_kind(i, cfg.num_layers)
                 dtype = layer.attention.query_key_value.weight.dtype
                 mask = self.layer_mask(i, dev)[:s, :s]  # [S, S], a view of the cached mask
@@ -380,7 +386,8 @@ class DalleModel(nn.Module):
                         tables = (window_table(mask, t, w).to(dev), window_slots(s, t, w).to(dev))
                         self._window_tables[kind, dev] = tables
                     if lookups is None:
-                        lookups = self._lookups[kind, ring, dev] = (RowLookup(tables[0]), RowLookup(tables[1]))
+                        lookups = (RowLookup(tables[0]), RowLookup(tables[1]))
+                        self._lookups[kind, ring, dev] = lookups
                     cache = RowWindowCache(rows, cfg.num_attention_heads, cfg.head_dim, t, w, mask, *tables,
                                            *lookups, dtype=dtype, device=dev)
                 else:
@@ -396,7 +403,7 @@ class DalleModel(nn.Module):
 
     def release_caches(self) -> None:
         """Drop every layer's cache (their memory is freed once nothing else holds it)."""
-        for layer in self.transformer.layers:
+        for layer in self.blocks:
             layer.attention.kv_cache = None
         for lookups in self._lookups.values():
             for lookup in lookups:
@@ -417,7 +424,7 @@ class DalleModel(nn.Module):
         rows: [B] long, indices into the texts. Returns the logits of image token 0, [B, iv] float32.
         """
         x = self.embed_text(text_ids)  # [R, n_text, h]
-        for layer in self.transformer.layers:
+        for layer in self.blocks:
             dev = _device_of(layer)
             x = layer.forward_cached(_to(x, dev), 0, _to(rows, dev))  # [R, n_text, h]
         logits = self.image_logits(x[:, -1])  # [R, iv]
@@ -437,7 +444,7 @@ class DalleModel(nn.Module):
         for lookups in self._lookups.values():
             for lookup in lookups:
                 lookup.forget()
-        blocks = self.transformer.layers
+        blocks = self.blocks
         for i in layers:
             layer = blocks[i]
             dev = _device_of(layer)

@@ -419,7 +419,7 @@ class ImageTokenDecoder:
         return self._step_eager(g, tokens, pos)
 
     def _step_eager(self, g: _Group, x: torch.Tensor, pos: int, segments: int = 0) -> torch.Tensor:
-        """Segments ``segments``.. of the step with a Python-int position (full caches sliced to the prefix)."""
+        """Segments ``segments``.. of the step at a Python-int position (full caches sliced to the prefix)."""
         for seg in self.segments[segments:]:
             x = self._segment(g, seg, _to(x, seg.device), pos)
         return x

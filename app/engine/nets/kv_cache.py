@@ -151,7 +151,8 @@ class RowWindowCache(KVCache):
     def __init__(self, rows: int, num_heads: int, head_dim: int, text_len: int, window: int,
                  mask: torch.Tensor, table: torch.Tensor, slots: torch.Tensor, lookup: RowLookup,
                  slot_lookup: RowLookup, *, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__(rows, num_heads, text_len + window, head_dim, mask, lookup, dtype=dtype, device=device)
+        super().__init__(rows, num_heads, text_len + window, head_dim, mask, lookup,
+                         dtype=dtype, device=device)
         self.text_len, self.window = text_len, window
         self.table, self.slots, self.slot_lookup = table, slots, slot_lookup
 

@@ -278,3 +278,70 @@ def test_forward_follows_layers_across_devices():
         got = model(ids.cuda())
     assert got.device.type == "cpu"  # to_logits stayed on the CPU
     assert torch.allclose(got, want, atol=1e-4)
+
+
+# --- the model's own KV-cached decoding -----------------------------------------------------------
+
+
+def _cached_logits(model: DalleModel, ids: torch.Tensor, text_rows: torch.Tensor, *, device_pos: bool,
+                   groups: list[slice]) -> torch.Tensor:
+    """prefill + one step per image token through the model's caches: image logits [B, image_seq, iv]."""
+    cfg = model.cfg
+    texts = ids[:, : cfg.text_seq_length]  # [R, text]
+    codes = ids[:, cfg.text_seq_length :].index_select(0, text_rows)  # [B, image_seq]
+    out = [model.prefill(texts, text_rows)]  # [B, iv]
+    for j in range(codes.shape[1] - 1):
+        pos = cfg.n_text + j
+        at: int | torch.Tensor = torch.tensor([pos]) if device_pos else pos
+        out.append(torch.cat([model.step(codes[g, j], at, rows=g) for g in groups]))
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("device_pos", [False, True], ids=["int-pos", "tensor-pos"])
+@pytest.mark.parametrize("windowed", [True, False], ids=["ring", "full"])
+@pytest.mark.parametrize("version", ["v3", "v2"])
+def test_cached_prefill_and_step_equal_the_uncached_forward(version, windowed, device_pos):
+    # 4 layers (row, col, row, conv); a 4x4 grid is long enough to wrap the 5-slot row ring.
+    cfg = _cfg(num_layers=4, hf_version=version)
+    model = _model(cfg, seed=2)
+    ids = _ids(cfg, 2, cfg.image_seq_length, seed=3)  # [R, text + image]
+    text_rows = torch.tensor([0, 1, 1])  # three cache rows: request 0 once, request 1 twice
+    with torch.no_grad():
+        full = model(ids).float()  # [R, S', total_vocab]
+        model.setup_caches(3, windowed=windowed)
+        assert model.cache_windowed == windowed
+        # Rows 0..1 and 2..3 stepped separately, as micro-batches slice the cache rows.
+        groups = [slice(0, 1), slice(1, 3)]
+        cached = _cached_logits(model, ids, text_rows, device_pos=device_pos, groups=groups)
+    first = cfg.n_text - 1  # the last text position predicts image token 0
+    reference = full[:, first : first + cfg.image_seq_length, cfg.vocab_size :].index_select(0, text_rows)
+    assert cached.dtype == torch.float32 and cached.shape == reference.shape
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=0)
+
+
+def test_image_logits_are_the_last_columns_of_to_logits(model):
+    hidden = torch.randn(3, 2, model.cfg.hidden_size)
+    with torch.no_grad():
+        full = model.to_logits(model.transformer.final_layernorm(hidden))
+        torch.testing.assert_close(model.image_logits(hidden), full[..., model.cfg.vocab_size :])
+
+
+def test_caches_are_not_state_and_release_drops_them(model):
+    names = set(model.state_dict())
+    model.setup_caches(2)
+    assert len(model.kv_caches) == model.cfg.num_layers and model.cache_rows == 2
+    assert set(model.state_dict()) == names  # cache buffers are not saved
+    generation = model.cache_generation
+    model.release_caches()
+    assert model.kv_caches == [] and model.cache_rows == 0 and model.cache_generation != generation
+    with pytest.raises(RuntimeError, match="setup_caches"):
+        model.step(torch.zeros(1, dtype=torch.long), model.cfg.n_text)
+
+
+def test_compact_caches_moves_the_kept_rows_to_the_front(model):
+    model.setup_caches(3)
+    for cache in model.kv_caches:
+        cache.k_cache.copy_(torch.arange(3.0).view(3, 1, 1, 1).expand_as(cache.k_cache))
+    model.compact_caches(torch.tensor([0, 2]), 3)
+    for cache in model.kv_caches:
+        assert cache.k_cache[:, 0, 0, 0].tolist() == [0.0, 2.0, 2.0]
