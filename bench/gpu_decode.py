@@ -9,7 +9,7 @@ KV cache visible at that step (``app.engine.placement.bytes_read_per_step``): th
 must read, so the fraction of the bound is conservative.
 
 Each batch size runs in each of ``--modes``: ``eager`` (no capture) and ``graphs`` (the decoder's
-own CUDA-graph capture of the one-token step, ``compile_step``). ``torch.compile`` is not measured:
+own CUDA-graph capture of the one-token step, ``capture_graphs``). ``torch.compile`` is not measured:
 the decoder has no ``torch.compile(mode="reduce-overhead")`` path today (its step capture is the manual
 CUDA-graph one), which the JSON notes.
 
@@ -60,7 +60,7 @@ SMOKE = DalleConfig(num_layers=2, hidden_size=64, num_attention_heads=4, text_se
 DEFAULT_QUERY = "котик в космосе"
 MODES = ("eager", "graphs")
 TORCH_COMPILE_NOTE = ("not measured: ImageTokenDecoder has no torch.compile(mode='reduce-overhead') path; "
-                      "its step capture is manual CUDA graphs (compile_step), the 'graphs' mode")
+                      "its step capture is manual CUDA graphs (capture_graphs), the 'graphs' mode")
 
 
 def bandwidth_for(device_name: str) -> float | None:
@@ -105,12 +105,12 @@ def random_model_on(cfg: DalleConfig, device: torch.device, dtype: torch.dtype, 
     return model
 
 
-def time_decode(model: DalleModel, batch: int, *, windowed: bool, compile_step: bool) -> dict[str, Any]:
+def time_decode(model: DalleModel, batch: int, *, windowed: bool, capture_graphs: bool) -> dict[str, Any]:
     """Generate one image grid for ``batch`` images; returns timings of the steady steps."""
     from app.engine.nets.decoding import GenerationRequest, ImageTokenDecoder, SamplingParams
 
     cfg = model.cfg
-    decoder = ImageTokenDecoder(model, batch, windowed=windowed, compile_step=compile_step)
+    decoder = ImageTokenDecoder(model, batch, windowed=windowed, capture_graphs=capture_graphs)
     text = torch.zeros(cfg.text_seq_length, dtype=torch.long)
     text[:4] = torch.tensor([2, 10, 20, 3])
     sampling = SamplingParams(top_k=min(2048, cfg.image_vocab_size), top_p=0.975, temperature=1.0)
@@ -135,7 +135,7 @@ def time_decode(model: DalleModel, batch: int, *, windowed: bool, compile_step: 
         "steps_timed": [s0, s1],
         "ms_per_step": ms_per_step,
         "generate_s": total_s,
-        "step_capture": decoder.compile_step,
+        "step_capture": decoder.capture_graphs,
         "peak_memory_gib": (torch.cuda.max_memory_allocated(model_device) / 2**30
                             if model_device.type == "cuda" else None),
     }
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in batches:
         for mode in modes:
-            row = time_decode(model, batch, windowed=windowed, compile_step=mode == "graphs")
+            row = time_decode(model, batch, windowed=windowed, capture_graphs=mode == "graphs")
             row["mode"] = mode
             first, last = row["steps_timed"]
             row["mb_per_step"] = mean_bytes(cfg, dtype, batch, first, last, windowed) / 1e6
