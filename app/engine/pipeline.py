@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from app.engine import placement, store
+from app.engine.jobs import Job, JobFailed, JobResult, Outcome
 from app.engine.nets.clip import ClipRanker
 from app.engine.nets.dalle import DalleModel
 from app.engine.nets.decoding import (
@@ -32,28 +33,12 @@ from app.engine.nets.decoding import (
 )
 from app.engine.nets.realesrgan import RRDBNet, upscale_batch
 from app.engine.nets.vqgan import VQGANDecoder
-from app.engine.params import FORMATS, STAGES, GenerationParams
+from app.engine.params import FORMATS, STAGES
 from app.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class Job:
-    query: str
-    params: GenerationParams
-
-
-@dataclass
-class JobResult:
-    images: list[str]  # base64, best CLIP score first
-    clip_scores: list[float]
-    ppl: list[float]
-    seed: int
-    timings: dict[str, float]
-    codes: list[list[int]]  # image token codes of the kept images, same order
 
 
 @dataclass
@@ -150,7 +135,7 @@ class Pipeline:
             max_batch_images=plan.batch_limit,
             windowed=True,
             microbatches=len(plan.stages) if len(plan.stages) > 1 else 1,
-            compile_step=on_cuda,
+            capture_graphs=on_cuda,
         )
         # The decoders are small next to the transformer: keep them in fp32, as upstream runs them, so
         # pixels match the reference exactly (bf16 VQ-GAN decoding is off by up to 9 levels).
@@ -163,12 +148,30 @@ class Pipeline:
 
     # ---- the batch path -------------------------------------------------------------------------
 
-    def run(self, jobs: Sequence[Job], on_step: OnStep | None = None) -> list[JobResult | None]:
-        """Run one merged batch; every job keeps its own params and seed. Raises on failure.
+    def run(self, jobs: Sequence[Job], on_step: OnStep | None = None) -> list[Outcome]:
+        """Run one merged batch; every job keeps its own params and seed. One outcome per job.
 
         ``on_step`` sees the decode progress and may name jobs to stop (see ``OnStep``): a stopped
-        job's result is None and it costs no further time; the other jobs go on unchanged.
+        job's outcome is None and it costs no further time; the other jobs go on unchanged.
+
+        Failures end here, not in the caller: an out-of-memory halves the decode chunk and tries
+        again (same seeds, same images); a batch that still fails releases its memory and runs each
+        job alone, so only a job that fails by itself gets a `JobFailed`.
         """
+        try:
+            return list(self._run_batch(jobs, on_step))
+        except Exception as exc:
+            # The traceback goes to the log (no prompt in it); the job gets a short, generic reason.
+            log.exception("batch of %d job(s), %d image(s) failed", len(jobs), _images(jobs))
+            message = failure_message(exc, _images(jobs))
+        # Outside the except block the failed run's frames, and the tensors they held, are gone.
+        release_memory()
+        if len(jobs) == 1:
+            return [JobFailed(message)]
+        log.info("retrying each of the %d jobs of the failed batch alone", len(jobs))
+        return [self.run([job], _only(n, on_step))[0] for n, job in enumerate(jobs)]
+
+    def _run_batch(self, jobs: Sequence[Job], on_step: OnStep | None) -> list[JobResult | None]:
         states = [_JobState(job) for job in jobs]
         with torch.inference_mode():
             self._generate(states, on_step)
@@ -206,27 +209,22 @@ class Pipeline:
         # Per-row random streams make the codes independent of how rows are chunked, so halving the
         # chunk size after an out-of-memory retries the same work with the same result. The halving
         # holds for this batch only: one transient OOM must not shrink every later batch.
-        limit = self.decoder.max_batch_images
-        try:
-            while True:
-                try:
-                    return self.decoder.generate(requests, on_step=on_step)
-                except torch.cuda.OutOfMemoryError:
-                    if self.decoder.max_batch_images <= 1:
-                        raise
-                # Outside the except block the failed attempt's frames are gone, so its memory frees.
-                self.decoder.max_batch_images = max(1, self.decoder.max_batch_images // 2)
-                self.decoder.release_caches()  # the next try allocates caches for the smaller chunks
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory: retrying in chunks of %d", self.decoder.max_batch_images)
-        finally:
-            self.decoder.max_batch_images = limit
+        rows = self.decoder.max_batch_images
+        while True:
+            try:
+                return self.decoder.generate(requests, on_step=on_step, max_rows=rows)
+            except torch.cuda.OutOfMemoryError:
+                if rows <= 1:
+                    raise
+            rows = max(1, rows // 2)
+            self.decoder.release_caches()  # the next try allocates caches for the smaller chunks
+            release_memory()
+            log.warning("CUDA out of memory: retrying in chunks of %d", rows)
 
     def _decode(self, st: _JobState) -> None:
         t0 = time.perf_counter()
         assert st.output is not None
-        chunks = [self.vqgan.decode(c.to(self.main_device)) for c in st.output.codes.split(8)]
-        st.pixels = torch.cat(chunks).cpu()
+        st.pixels = self.vqgan.decode(st.output.codes.to(self.main_device)).cpu()
         st.timings["decode"] = time.perf_counter() - t0
 
     def _rank(self, st: _JobState) -> None:
@@ -286,6 +284,37 @@ class Pipeline:
             "placement": self.plan.describe(),
             "max_batch_images": self.decoder.max_batch_images,
         }
+
+
+def _images(jobs: Sequence[Job]) -> int:
+    return sum(job.params.images_to_gen for job in jobs)
+
+
+def _only(n: int, on_step: OnStep | None) -> OnStep | None:
+    """`on_step` of a batch, as seen by its job `n` run alone (index 0 there)."""
+    if on_step is None:
+        return None
+
+    def tick(steps: int) -> list[int]:
+        return [0] if n in set(on_step(steps) or ()) else []
+
+    return tick
+
+
+def failure_message(exc: BaseException, images: int) -> str:
+    """What a client is told about a failed batch: out of memory, or generic (never the exception text)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return (
+            f"out of GPU memory while generating a batch of {images} image(s); "
+            "retry, or ask for fewer images_to_gen"
+        )
+    return f"generation failed ({type(exc).__name__}); the server keeps serving, retry the request"
+
+
+def release_memory() -> None:
+    """Return cached CUDA memory to the driver (a no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> str:

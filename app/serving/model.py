@@ -98,8 +98,8 @@ class KandinskyModel(kserve.Model):
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Validate the instances, queue them as one ticket, and answer every instance in order."""
+        from app.engine.jobs import Job
         from app.engine.params import GenerationParams
-        from app.engine.pipeline import Job
 
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")

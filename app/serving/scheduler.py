@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app.engine.jobs import JobFailed
 from app.engine.params import STAGES, Stage
 from app.serving import metrics
 from app.serving.errors import DeadlineExceeded, GenerationFailed, QueueFull, ServiceError, ShuttingDown
@@ -72,7 +73,6 @@ class Scheduler:
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batches_run = 0
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -209,48 +209,30 @@ class Scheduler:
         for ticket in batch:
             metrics.QUEUE_WAIT_SECONDS.observe(started - ticket.enqueued)
         metrics.BATCH_IMAGES.observe(images)
-        self.batches_run += 1
         log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
-        outcome = self._run_pipeline(batch, jobs, images)
+        outcomes = self._run_pipeline(batch, jobs, images)
         metrics.update_gpu_memory()
-        if isinstance(outcome, str):
-            # The failed run's frames (and the GPU memory they held) are gone by now, so the cache can
-            # really be released before anything runs again.
-            _release_cuda_cache()
-            if len(batch) > 1:
-                # One request's fault must not cost the others their answer: run each one alone, so
-                # only the request that fails by itself is answered 500. Same seeds, same images.
-                for ticket in batch:
-                    if ticket.abandoned:
-                        continue
-                    if ticket.deadline <= time.monotonic():
-                        self._answer(ticket, error=DeadlineExceeded("the request expired while retried"))
-                        continue
-                    self._run_batch([ticket])
-                return
-            for ticket in batch:
-                self._answer(ticket, error=GenerationFailed(outcome))
-            return
-        results = outcome
         try:
-            self._record(jobs, results)
+            self._record(jobs, outcomes)
         except Exception:  # metrics must never cost a request its answer
             log.exception("scheduler: could not record batch metrics")
         offset = 0
         for ticket in batch:
-            mine = results[offset : offset + len(ticket.jobs)]
+            mine = outcomes[offset : offset + len(ticket.jobs)]
             offset += len(ticket.jobs)
-            if any(result is None for result in mine):
+            failed = next((o for o in mine if isinstance(o, JobFailed)), None)
+            if failed is not None:
+                self._answer(ticket, error=GenerationFailed(failed.message))
+            elif any(o is None for o in mine):
                 # Stopped at a progress tick: its requester had gone and was answered already.
                 log.info("request of %d image(s) stopped: its requester gave up", ticket.images)
-                continue
-            self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
+            else:
+                self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
 
-    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any], images: int) -> list[Any] | str:
-        """Run the batch: its results (None for each stopped job), or the client-facing failure message.
+    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any], images: int) -> list[Any]:
+        """One outcome per job (see `app.engine.pipeline.Outcome`); the engine owns retries and memory.
 
-        Returning instead of handling the failure inside `except` lets the failed run's frames, and
-        the tensors they hold, be freed before the caller retries anything.
+        Anything the pipeline raises anyway is a bug: every job of the batch fails, the worker goes on.
         """
         owner = [ticket for ticket in batch for _ in ticket.jobs]  # job index -> its ticket
 
@@ -260,24 +242,25 @@ class Scheduler:
             return [n for n, ticket in enumerate(owner) if ticket.abandoned]
 
         try:
-            results = self.pipeline.run(jobs, on_step=stop_abandoned)
-            if len(results) != len(jobs):
-                raise RuntimeError(f"pipeline returned {len(results)} results for {len(jobs)} jobs")
-            for n, result in enumerate(results):
-                if result is None and not owner[n].abandoned:
+            outcomes = list(self.pipeline.run(jobs, on_step=stop_abandoned))
+            if len(outcomes) != len(jobs):
+                raise RuntimeError(f"pipeline returned {len(outcomes)} outcomes for {len(jobs)} jobs")
+            for n, outcome in enumerate(outcomes):
+                if outcome is None and not owner[n].abandoned:
                     raise RuntimeError(f"pipeline stopped job {n}, whose requester still waits")
-        except Exception as exc:
-            # The traceback goes to the log (no prompt in it); the client gets a short, generic reason.
-            log.exception("batch of %d request(s), %d image(s) failed", len(batch), images)
-            return _failure_message(exc, images)
-        return results
+        except Exception:
+            log.exception("batch of %d request(s), %d image(s): the pipeline failed", len(batch), images)
+            failed = JobFailed("internal error while generating; the server keeps serving, retry the request")
+            return [failed] * len(jobs)
+        return outcomes
 
     @staticmethod
-    def _record(jobs: list[Any], all_results: list[Any]) -> None:
+    def _record(jobs: list[Any], outcomes: list[Any]) -> None:
         # Counted here, not per answered request: a request that gave up late still cost its images;
-        # one stopped at a progress tick (result None) produced none.
-        results = [r for r in all_results if r is not None]
-        images = sum(_job_images(j) for j, r in zip(jobs, all_results) if r is not None)
+        # one stopped at a progress tick (None) or failed produced none.
+        done = [(j, o) for j, o in zip(jobs, outcomes) if o is not None and not isinstance(o, JobFailed)]
+        results = [o for _, o in done]
+        images = sum(_job_images(j) for j, _ in done)
         # Every sampled image has the same token count; the returned codes tell how many.
         per_image_tokens = next((len(r.codes[0]) for r in results if r.codes), 0)
         metrics.IMAGES_TOTAL.inc(images)
@@ -304,26 +287,3 @@ class Scheduler:
             ticket.loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             log.debug("scheduler: event loop closed, dropping an answer")
-
-
-def _failure_message(exc: BaseException, images: int) -> str:
-    if _is_out_of_memory(exc):
-        return (
-            f"out of GPU memory while generating a batch of {images} image(s); "
-            "retry, or ask for fewer images_to_gen"
-        )
-    return f"generation failed ({type(exc).__name__}); the server keeps serving, retry the request"
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-
-
-def _release_cuda_cache() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        log.warning("could not empty the CUDA cache", exc_info=True)

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.engine.jobs import JobFailed
+from app.engine.jobs import Job, JobFailed
 from app.engine.params import GenerationParams
-from app.engine.pipeline import Job, Pipeline
+from app.engine.pipeline import Pipeline
 from app.engine.store import ModelStoreError
 from app.serving.errors import RequestInvalid
 from app.serving.schema import Limits, Schema

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from app.engine.jobs import Job, JobFailed, JobResult
 from app.engine.params import GenerationParams
-from app.engine.pipeline import Job, Pipeline, encode_image, resolve_dtype
+from app.engine.pipeline import Pipeline, encode_image, resolve_dtype
 from app.tools import generate
 
 FAST = GenerationParams(images_to_gen=2, images_to_cherry_pick=1, top_k=64, super_res=False, seed=11)
@@ -75,11 +76,11 @@ def test_out_of_memory_splits_the_batch_and_retries_with_the_same_result(
     real_generate = pipeline.decoder.generate
     chunk_sizes: list[int] = []
 
-    def generate_or_oom(requests, on_step=None):  # type: ignore[no-untyped-def]
-        chunk_sizes.append(pipeline.decoder.max_batch_images)
-        if pipeline.decoder.max_batch_images > 1:
+    def generate_or_oom(requests, on_step=None, max_rows=None):  # type: ignore[no-untyped-def]
+        chunk_sizes.append(max_rows)
+        if max_rows > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_generate(requests, on_step=on_step)
+        return real_generate(requests, on_step=on_step, max_rows=max_rows)
 
     monkeypatch.setattr(pipeline.decoder, "generate", generate_or_oom)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -87,20 +88,63 @@ def test_out_of_memory_splits_the_batch_and_retries_with_the_same_result(
     (retried,) = pipeline.run([job])
 
     assert chunk_sizes[0] == limit and chunk_sizes[-1] == 1
+    assert isinstance(retried, JobResult) and isinstance(expected, JobResult)
     assert retried.codes == expected.codes
     assert pipeline.decoder.max_batch_images == limit  # the halving held for that batch only
 
 
-def test_out_of_memory_at_one_image_is_raised(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
-    def always_oom(requests, on_step=None):  # type: ignore[no-untyped-def]
+def test_out_of_memory_at_one_image_is_a_failed_job_saying_so(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def always_oom(requests, on_step=None, max_rows=None):  # type: ignore[no-untyped-def]
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(pipeline.decoder, "generate", always_oom)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     limit = pipeline.decoder.max_batch_images
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        pipeline.run([Job("кот", FAST)])
-    assert pipeline.decoder.max_batch_images == limit  # the limit is restored for the next batch
+    (outcome,) = pipeline.run([Job("кот", FAST)])
+    assert isinstance(outcome, JobFailed) and "out of GPU memory" in outcome.message
+    assert pipeline.decoder.max_batch_images == limit  # the limit is unchanged for the next batch
+
+
+def test_a_failed_shared_batch_reruns_each_job_alone_so_only_the_faulty_one_fails(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = Job("кот", replace(FAST, seed=21))
+    poison = Job("яд", replace(FAST, seed=22))
+    (alone,) = pipeline.run([good])
+    real_generate = pipeline.decoder.generate
+    calls: list[int] = []
+
+    def fail_with_poison(requests, on_step=None, max_rows=None):  # type: ignore[no-untyped-def]
+        calls.append(len(requests))
+        if any(r.seed == 22 for r in requests):
+            raise RuntimeError("a fault that only this job triggers, quoting яд")
+        return real_generate(requests, on_step=on_step, max_rows=max_rows)
+
+    released: list[bool] = []
+    monkeypatch.setattr(pipeline.decoder, "generate", fail_with_poison)
+    monkeypatch.setattr("app.engine.pipeline.release_memory", lambda: released.append(True))
+    ok, bad = pipeline.run([good, poison])
+    assert calls == [2, 1, 1]  # the shared batch, then each job alone
+    assert isinstance(ok, JobResult) and isinstance(alone, JobResult) and ok.codes == alone.codes
+    assert isinstance(bad, JobFailed) and "RuntimeError" in bad.message and "яд" not in bad.message
+    assert released  # memory is released before the jobs run again
+
+
+def test_a_stopped_job_in_a_rerun_stays_stopped(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_generate = pipeline.decoder.generate
+
+    def fail_shared(requests, on_step=None, max_rows=None):  # type: ignore[no-untyped-def]
+        if len(requests) > 1:
+            raise RuntimeError("shared batch fault")
+        return real_generate(requests, on_step=on_step, max_rows=max_rows)
+
+    monkeypatch.setattr(pipeline.decoder, "generate", fail_shared)
+    jobs = [Job("кот", replace(FAST, seed=31)), Job("пёс", replace(FAST, seed=32))]
+    # The second job's requester is gone: its rerun is stopped at the first tick, the first runs.
+    first, second = pipeline.run(jobs, on_step=lambda steps: [1])
+    assert isinstance(first, JobResult) and second is None
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])

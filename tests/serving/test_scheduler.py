@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client import REGISTRY
 
+from app.engine.jobs import JobFailed
 from app.serving.errors import DeadlineExceeded, GenerationFailed, QueueFull, ShuttingDown
 from app.serving.scheduler import Scheduler
 
@@ -38,10 +39,6 @@ class FakeResult:
     seed: int
     timings: dict[str, float]
     codes: list[list[int]] = field(default_factory=list)
-
-
-class OutOfMemoryError(RuntimeError):
-    """Named like torch.cuda.OutOfMemoryError, which the scheduler recognises by name."""
 
 
 class FakePipeline:
@@ -232,16 +229,16 @@ async def test_failed_batch_answers_its_requests_500_and_next_request_succeeds(f
     assert sched.alive
 
 
-async def test_one_failing_request_in_a_shared_batch_does_not_fail_the_others(fake, make_scheduler):
+async def test_a_failed_job_fails_only_its_own_request_in_a_shared_batch(fake, make_scheduler):
     sched = make_scheduler()
     first = await hold_first_batch(fake, sched)
     real_run = fake.run
 
     def run_failing_on_poison(jobs, on_step=None):  # type: ignore[no-untyped-def]
-        if any(j.query == "poison" for j in jobs):
-            real_run(jobs)  # records the call
-            raise RuntimeError("a fault that only this request triggers")
-        return real_run(jobs)
+        # The engine retries a failed batch job by job; what reaches the scheduler is per-job outcomes.
+        outcomes = real_run(jobs)
+        return [JobFailed("generation failed (RuntimeError)") if j.query == "poison" else o
+                for j, o in zip(jobs, outcomes)]
 
     fake.run = run_failing_on_poison  # type: ignore[method-assign]
     good = asyncio.create_task(sched.submit([job("good", 2)], timeout=10))
@@ -250,10 +247,10 @@ async def test_one_failing_request_in_a_shared_batch_does_not_fail_the_others(fa
     fake.gate.set()
     await first
     assert (await good).results[0].images == ["good#0", "good#1"]
-    with pytest.raises(GenerationFailed):
+    with pytest.raises(GenerationFailed) as err:
         await bad
-    # The shared batch failed, then each request ran alone: only the faulty one was answered 500.
-    assert fake.calls[1:] == [["good", "poison"], ["good"], ["poison"]]
+    assert err.value.message == "generation failed (RuntimeError)"
+    assert fake.calls[1:] == [["good", "poison"]]  # one batch: the scheduler reruns nothing itself
     assert sched.alive
 
 
@@ -327,12 +324,13 @@ async def test_a_hung_up_request_leaves_its_batch_at_the_next_tick_while_its_par
     assert sched.alive
 
 
-async def test_out_of_memory_failure_says_so(fake, make_scheduler):
+async def test_a_failed_job_answers_its_request_500_with_the_engines_message(fake, make_scheduler):
     sched = make_scheduler()
-    fake.fail_next = OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    message = "out of GPU memory while generating a batch of 3 image(s); retry with fewer images_to_gen"
+    fake.run = lambda jobs, on_step=None: [JobFailed(message) for _ in jobs]  # type: ignore[method-assign]
     with pytest.raises(GenerationFailed) as err:
         await sched.submit([job("a", 3)], timeout=10)
-    assert "out of GPU memory" in err.value.message
+    assert err.value.message == message and err.value.status == 500
     assert sched.alive
 
 
