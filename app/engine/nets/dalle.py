@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.engine.nets.checks import OPTIONAL_IN_MANIFEST, positive_int
 from app.engine.nets.kv_cache import (
     KVCache,
     RowLookup,
@@ -56,14 +57,14 @@ class DalleConfig:
     image_vocab_size: int = 8192
     hf_version: str = "v3"  # "v2" (Emojich) or "v3"
     cogview_sandwich_layernorm: bool = True
-    cogview_pb_relax: bool = True
+    # pb-relax rescales the attention scores before the softmax and back after it: the same softmax in
+    # exact arithmetic (SPEC section 6), so no code reads this flag and model.json may leave it out.
+    cogview_pb_relax: bool = field(default=True, metadata=OPTIONAL_IN_MANIFEST)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "text_seq_length",
                      "image_tokens_per_dim", "vocab_size", "image_vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"dalle.{name} must be a positive integer, got {value!r}")
+            positive_int(getattr(self, name), f"dalle.{name}")
         for name in ("cogview_sandwich_layernorm", "cogview_pb_relax"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"dalle.{name} must be true or false, got {getattr(self, name)!r}")

@@ -25,11 +25,11 @@ import logging
 import math
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from app.engine.nets.checks import positive_int
 from app.engine.nets.dalle import DalleModel, row_mask_is_window
 from app.engine.params import SEED_MAX
 
@@ -175,10 +175,6 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x if x.device == device else x.to(device, non_blocking=True)
 
@@ -199,10 +195,8 @@ class ImageTokenDecoder:
 
     def __init__(self, model: DalleModel, max_batch_images: int, *, windowed: bool = True,
                  microbatches: int = 1, capture_graphs: bool = False) -> None:
-        if not _positive_int(max_batch_images):
-            raise ValueError(f"max_batch_images must be a positive integer, got {max_batch_images!r}")
-        if not _positive_int(microbatches):
-            raise ValueError(f"microbatches must be a positive integer, got {microbatches!r}")
+        positive_int(max_batch_images, "max_batch_images")
+        positive_int(microbatches, "microbatches")
         self.model = model
         self.cfg = cfg = model.cfg
         self.max_batch_images = max_batch_images
@@ -274,10 +268,10 @@ class ImageTokenDecoder:
             raise ValueError(f"requests[{n}].text_ids must be a [{cfg.text_seq_length}] tensor, got {shape}")
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise ValueError(f"requests[{n}].text_ids must hold integer ids, got {ids.dtype}")
-        if not _positive_int(req.num_images):
-            raise ValueError(f"requests[{n}].num_images must be a positive integer, got {req.num_images!r}")
+        positive_int(req.num_images, f"requests[{n}].num_images")
         sp = req.sampling
-        if not (_positive_int(sp.top_k) and sp.top_k <= cfg.image_vocab_size):
+        top_k_is_int = isinstance(sp.top_k, int) and not isinstance(sp.top_k, bool)
+        if not (top_k_is_int and 1 <= sp.top_k <= cfg.image_vocab_size):
             raise ValueError(
                 f"requests[{n}].sampling.top_k must be in 1..{cfg.image_vocab_size}, got {sp.top_k!r}"
             )
@@ -306,8 +300,8 @@ class ImageTokenDecoder:
         """
         for n, req in enumerate(requests):
             self._check_request(n, req)
-        if max_rows is not None and not _positive_int(max_rows):
-            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
+        if max_rows is not None:
+            positive_int(max_rows, "max_rows")
         if not requests:
             return []
         chunk_rows = min(self.max_batch_images, max_rows or self.max_batch_images)
