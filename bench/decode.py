@@ -29,6 +29,10 @@ Kandinsky's default sampling (top_k 4096, top_p 0.975, temperature 1). Timed, ``
 
 Before timing, a parity check: greedy (top_k 1) codes of upstream's loop and of ours for one image,
 all 1024 positions.
+
+Measure on an otherwise idle machine: with other processes on the cores, torch's OpenMP threads wait
+on each other and both sides slow down several-fold and unevenly (on the 2-core development machine a
+busy spell gave 4.7x where the idle machine gives 25x).
 """
 
 from __future__ import annotations
