@@ -9,7 +9,7 @@ PORT ?= 8080
 MODEL ?= kandinsky
 TINY := model_store/tiny
 
-.PHONY: run test install lint typecheck pytest tiny generate weights verify docker-build bench-decode bench-load bench-throughput clean
+.PHONY: run test install lint typecheck pytest tiny generate weights verify docker-build bench-decode bench-decode-profile bench-gpu bench-load bench-throughput clean
 
 ## run: install if needed, build the tiny random-weight model if missing, serve it on :8080 on the CPU
 run: $(VENV)/.installed $(TINY)/model.json
@@ -63,12 +63,18 @@ docker-build-volta:
 fuzz: $(VENV)/.installed
 	$(VENV)/bin/pytest -q tests/serving/test_openapi_fuzz.py
 
+## bench-decode: ours against the published rudalle 1.1.3 (installed on demand into .venv-bench)
 bench-decode: $(VENV)/.installed
-	$(PY) bench/decode.py
+	$(PY) bench/decode.py --threads 2 --runs 3 --out out/bench-decode.json
+bench-decode-profile: $(VENV)/.installed
+	$(PY) bench/decode.py --threads 2 --profile
+## bench-gpu: on an H100/H200: ms per decode step at batch 1/8/16/32, fraction of the bandwidth bound
+bench-gpu: $(VENV)/.installed
+	$(PY) bench/gpu_decode.py --out out/gpu_decode
 bench-load: $(VENV)/.installed
 	$(PY) bench/load.py
 bench-throughput: $(VENV)/.installed
 	$(PY) bench/throughput.py --url http://127.0.0.1:$(PORT)
 
 clean:
-	rm -rf $(TINY) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(TINY) out .pytest_cache .mypy_cache .ruff_cache .venv-bench
