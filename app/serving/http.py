@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 from fastapi import FastAPI, Request
@@ -290,7 +291,8 @@ def _is_json(scope: Scope) -> bool:
 
 
 def _query_problem(scope: Scope) -> str | None:
-    if scope["path"].startswith("/v2/models/") and b"model_version=" in scope.get("query_string", b""):
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    if scope["path"].startswith("/v2/models/") and "model_version" in query:
         return "model_version: this server serves one unversioned model; omit model_version"
     return None
 
@@ -366,10 +368,8 @@ _KSERVE_ERRORS: dict[type[BaseException], int] = {
 async def kserve_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """KServe's errors with KServe's statuses; a client error is one log line, not a traceback."""
     status = next((s for cls, s in _KSERVE_ERRORS.items() if isinstance(exc, cls)), 500)
-    if status < 500:
-        log.warning("%s %s: %d %s", request.method, request.url.path, status, exc)
-        message = str(exc)
-    elif isinstance(exc, ModelNotReady | ServerNotReady | ServerNotLive):
+    # Client errors and "not ready" are expected conditions: one line, and KServe's own message.
+    if status < 500 or isinstance(exc, ModelNotReady | ServerNotReady | ServerNotLive):
         log.warning("%s %s: %d %s", request.method, request.url.path, status, exc)
         message = str(exc)
     else:
