@@ -5,6 +5,7 @@ The scheduler sees only these: it hands `Pipeline.run` a list of `Job`s and gets
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from app.engine.params import GenerationParams
@@ -33,5 +34,27 @@ class JobFailed:
     message: str
 
 
-#: What `Pipeline.run` gives for each job: its result, its failure, or None when `on_step` stopped it.
+#: What `Pipeline.run` gives for each job: its result, its failure, or None when `on_progress` stopped it.
 Outcome = JobResult | JobFailed | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One job's progress at a decode tick: ``step`` of ``steps`` image positions (averaged over its
+    images; ``steps`` is ``image_seq_length``, 1024 for Kandinsky), and, when the job asked for
+    previews and one is due, ``preview``: one base64 JPEG per image of the job, rows not yet sampled grey.
+    """
+
+    step: int
+    steps: int
+    preview: list[str] | None = None
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.steps if self.steps else 0.0
+
+
+#: The pipeline's progress callback: at every tick, one entry per job of the batch (in order): its
+#: `Progress`, or None for a job with no news (one waiting for its own rerun after a failed batch).
+#: Returns the indices of the jobs to stop there (their outcome is None), or None.
+OnProgress = Callable[[Sequence[Progress | None]], Collection[int] | None]

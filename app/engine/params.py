@@ -16,6 +16,8 @@ DEFAULT_TOP_K = 4096
 DEFAULT_TOP_P = 0.975
 DEFAULT_TEMPERATURE = 1.0
 MAX_TEMPERATURE = 10.0
+#: A partial preview at most every this many image rows (Kandinsky's grid has 32); 0: no previews.
+MAX_PREVIEW_EVERY = 32
 #: The largest seed, the API's: 0 .. 2**63-1 (a signed 64-bit integer, what every JSON client can send).
 SEED_MAX = 2**63 - 1
 #: Encodings of the returned images: our name -> Pillow's.
@@ -47,3 +49,4 @@ class GenerationParams:
     super_res: bool = True
     temperature: float = DEFAULT_TEMPERATURE
     format: str = "jpeg"
+    preview_every: int = 0  # image rows between partial previews (jobs and streams); 0: none

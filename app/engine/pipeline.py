@@ -11,7 +11,7 @@ import base64
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from app.engine import placement, store
-from app.engine.jobs import Job, JobFailed, JobResult, Outcome
+from app.engine.jobs import Job, JobFailed, JobResult, OnProgress, Outcome, Progress
 from app.engine.nets.clip import ClipRanker
 from app.engine.nets.dalle import DalleModel
 from app.engine.nets.decoding import (
@@ -30,6 +30,7 @@ from app.engine.nets.decoding import (
     ImageTokenDecoder,
     OnStep,
     SamplingParams,
+    Tick,
 )
 from app.engine.nets.realesrgan import RRDBNet, upscale_batch
 from app.engine.nets.vqgan import VQGANDecoder
@@ -39,6 +40,10 @@ from app.engine.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: Previews are this size whatever the model's image size, JPEG at this quality; unsampled rows grey.
+PREVIEW_SIZE = 256
+PREVIEW_QUALITY = 80
+PREVIEW_GREY = 128
 
 
 @dataclass
@@ -148,11 +153,12 @@ class Pipeline:
 
     # ---- the batch path -------------------------------------------------------------------------
 
-    def run(self, jobs: Sequence[Job], on_step: OnStep | None = None) -> list[Outcome]:
+    def run(self, jobs: Sequence[Job], on_step: OnProgress | None = None) -> list[Outcome]:
         """Run one merged batch; every job keeps its own params and seed. One outcome per job.
 
-        ``on_step`` sees the decode progress and may name jobs to stop (see ``OnStep``): a stopped
-        job's outcome is None and it costs no further time; the other jobs go on unchanged.
+        ``on_step`` gets every job's `Progress` once per completed image row (with previews for the
+        jobs that asked) and may name jobs to stop (see ``OnProgress``): a stopped job's outcome is
+        None and it costs no further time; the other jobs go on unchanged.
 
         Failures end here, not in the caller: an out-of-memory halves the decode chunk and tries
         again (same seeds, same images); a batch that still fails releases its memory and runs each
@@ -169,9 +175,9 @@ class Pipeline:
         if len(jobs) == 1:
             return [JobFailed(message)]
         log.info("retrying each of the %d jobs of the failed batch alone", len(jobs))
-        return [self.run([job], _only(n, on_step))[0] for n, job in enumerate(jobs)]
+        return [self.run([job], _only(n, len(jobs), on_step))[0] for n, job in enumerate(jobs)]
 
-    def _run_batch(self, jobs: Sequence[Job], on_step: OnStep | None) -> list[JobResult | None]:
+    def _run_batch(self, jobs: Sequence[Job], on_step: OnProgress | None) -> list[JobResult | None]:
         states = [_JobState(job) for job in jobs]
         with torch.inference_mode():
             self._generate(states, on_step)
@@ -184,14 +190,56 @@ class Pipeline:
                 self._encode(st)
         return [self._result(st) if st.output is not None else None for st in states]
 
-    def _generate(self, states: list[_JobState], on_step: OnStep | None) -> None:
+    def _generate(self, states: list[_JobState], on_step: OnProgress | None) -> None:
         t0 = time.perf_counter()
         requests = [self._request(st.job) for st in states]
-        outputs = self._generate_splitting_on_oom(requests, on_step)
+        tick = None if on_step is None else self._progress_reporter([st.job for st in states], on_step)
+        outputs = self._generate_splitting_on_oom(requests, tick)
         elapsed = time.perf_counter() - t0
         for st, out in zip(states, outputs, strict=True):
             st.output = out
             st.timings["generate"] = elapsed  # the batch's wall time: every job waited for all of it
+
+    def _progress_reporter(self, jobs: Sequence[Job], on_step: OnProgress) -> OnStep:
+        """The decoder's tick, as every job's `Progress`; renders a job's preview when one is due."""
+        steps = self.manifest.dalle.image_seq_length
+        per_row = self.manifest.dalle.image_tokens_per_dim
+        previewed = [0] * len(jobs)  # image rows of the last preview sent, per job
+
+        def tick(t: Tick) -> Collection[int] | None:
+            progress: list[Progress | None] = []
+            for n, job in enumerate(jobs):
+                step = t.done[n] // job.params.images_to_gen
+                every, rows = job.params.preview_every, step // per_row
+                preview = None
+                if every and rows >= previewed[n] + every:
+                    previewed[n] = rows - rows % every
+                    preview = self.render_preview(t.partial(n))
+                progress.append(Progress(step=step, steps=steps, preview=preview))
+            return on_step(progress)
+
+        return tick
+
+    def render_preview(self, partial: torch.Tensor) -> list[str]:
+        """Partial codes [n, image_seq_length] (-1: not sampled yet) -> one base64 JPEG per image,
+        PREVIEW_SIZE square, decoded through the VQ-GAN with the cells of unsampled tokens grey."""
+        t0 = time.perf_counter()
+        per_row = self.manifest.dalle.image_tokens_per_dim
+        known = (partial >= 0).view(-1, per_row, per_row)  # [n, rows, cols]
+        pixels = self.vqgan.decode(partial.clamp(min=0).to(self.main_device)).cpu()  # uint8 [n, H, W, 3]
+        cell = pixels.shape[1] // per_row
+        mask = known.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # [n, H, W]
+        pixels[~mask] = PREVIEW_GREY
+        out = []
+        for px in pixels:
+            image = Image.fromarray(px.numpy())
+            if image.size != (PREVIEW_SIZE, PREVIEW_SIZE):
+                image = image.resize((PREVIEW_SIZE, PREVIEW_SIZE), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
+            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        log.debug("preview of %d image(s) in %.3f s", len(out), time.perf_counter() - t0)
+        return out
 
     def _request(self, job: Job) -> GenerationRequest:
         cfg = self.manifest.dalle
@@ -290,13 +338,15 @@ def _images(jobs: Sequence[Job]) -> int:
     return sum(job.params.images_to_gen for job in jobs)
 
 
-def _only(n: int, on_step: OnStep | None) -> OnStep | None:
-    """`on_step` of a batch, as seen by its job `n` run alone (index 0 there)."""
+def _only(n: int, jobs: int, on_step: OnProgress | None) -> OnProgress | None:
+    """`on_step` of a batch of `jobs` jobs, as seen by its job `n` run alone (index 0 there)."""
     if on_step is None:
         return None
 
-    def tick(steps: int) -> list[int]:
-        return [0] if n in set(on_step(steps) or ()) else []
+    def tick(progress: Sequence[Progress | None]) -> list[int]:
+        seen: list[Progress | None] = [None] * jobs
+        seen[n] = progress[0]
+        return [0] if n in set(on_step(seen) or ()) else []
 
     return tick
 

@@ -17,7 +17,7 @@ from app.serving.errors import (
     ServiceError,
     ShuttingDown,
 )
-from app.serving.scheduler import Scheduler
+from app.serving.scheduler import Listener, Scheduler, Ticket
 from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings
 from app.serving.settings import ServerSettings
 
@@ -98,33 +98,70 @@ class KandinskyModel(kserve.Model):
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Validate the instances, queue them as one ticket, and answer every instance in order."""
-        from app.engine.jobs import Job
-        from app.engine.params import GenerationParams
+        instances = self.parse(payload)
+        predictions = await self.generate(instances)
+        if len(predictions) == 1:
+            return predictions[0]
+        return {"ok": True, "predictions": predictions}
 
-        if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
-        if self.scheduler is None or self.schema is None:
-            raise ModelNotReady(self.name)
-        instances = self.schema.parse(payload)
+    # ---- the one path every protocol takes (v1, v2, gRPC, jobs, OpenAI) ---------------------------
+
+    def parse(self, payload: Any) -> list[Any]:
+        """A v1 predict body -> validated `Instance`s; RequestInvalid (400) naming the field, or 503."""
+        self._check_serving()
+        assert self.schema is not None
+        return self.schema.parse(payload)
+
+    def enqueue(self, instances: list[Any], listener: Listener | None = None) -> Ticket:
+        """Queue validated instances as one ticket without waiting (the jobs API); QueueFull is a 503."""
+        self._check_serving()
+        assert self.scheduler is not None
+        return self.scheduler.enqueue(
+            _jobs(instances), timeout=self.settings.request_timeout, listener=listener
+        )
+
+    async def generate(self, instances: list[Any], listener: Listener | None = None) -> list[dict[str, Any]]:
+        """Queue validated instances as one ticket and wait: one v1 prediction dict per instance."""
         try:
-            jobs = [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
-            outcome = await self.scheduler.submit(jobs, timeout=self.settings.request_timeout)
-            predictions = [_prediction(result, outcome.queue_seconds) for result in outcome.results]
+            return await self.results(self.enqueue(instances, listener))
         except ServiceError:
             raise
         except Exception as exc:
             # KServe's catch-all would put the exception text (which may quote the input) in the body.
             log.exception("predict failed outside the pipeline")
             raise GenerationFailed(f"internal error ({type(exc).__name__}); retry the request") from None
-        if len(predictions) == 1:
-            return predictions[0]
-        return {"ok": True, "predictions": predictions}
+
+    async def results(self, ticket: Ticket) -> list[dict[str, Any]]:
+        """Wait for a ticket: one v1 prediction dict per instance (the response fields of SPEC section 3)."""
+        assert self.scheduler is not None
+        try:
+            outcome = await self.scheduler.wait(ticket)
+            return [_prediction(result, outcome.queue_seconds) for result in outcome.results]
+        except ServiceError:
+            raise
+        except Exception as exc:
+            # KServe's catch-all would put the exception text (which may quote the input) in the body.
+            log.exception("predict failed outside the pipeline")
+            raise GenerationFailed(f"internal error ({type(exc).__name__}); retry the request") from None
+
+    def _check_serving(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.scheduler is None or self.schema is None:
+            raise ModelNotReady(self.name)
 
     def card(self) -> dict[str, Any]:
         if self.pipeline is None or self.schema is None:
             raise ModelNotReady(self.name)
         manifest = self.pipeline.manifest
         return build_card(self.name, dict(manifest.extra), self.pipeline.describe(), self.schema)
+
+
+def _jobs(instances: list[Any]) -> list[Any]:
+    from app.engine.jobs import Job
+    from app.engine.params import GenerationParams
+
+    return [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
 
 
 def _prediction(result: Any, queue_seconds: float) -> dict[str, Any]:

@@ -105,6 +105,7 @@ _ERRORS: dict[int, str] = {
     404: "No model of this name is served.",
     408: "The request body did not arrive within the server's body timeout.",
     413: "The request body exceeds the server's size limit.",
+    409: "Conflicts with the resource's state (see the route).",
     415: "The Content-Type is not JSON (`application/json` or a `+json` type).",
     500: "Internal failure (a GPU out-of-memory included); the server keeps serving, retry the request.",
     503: "Not ready, the queue is full, or the server is shutting down; retry after `Retry-After` seconds.",
@@ -123,10 +124,24 @@ class Operation:
     description: str = ""
     ok_description: str = "OK"
     error_descriptions: dict[int, str] = field(default_factory=dict)
+    #: The success status (202 for a submitted job).
+    ok_status: int = 200
+    #: The request body: a pydantic model, or `PREDICT_BODY` (the predict request with the server's bounds).
+    request: Any = None
+    #: Further media types of the success response, each a string (e.g. "text/event-stream").
+    ok_media: tuple[str, ...] = ()
+    #: Further success statuses: status -> (description, body model or None).
+    other_ok: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    #: Query parameters: name -> (JSON schema, description).
+    query: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    #: Response headers of the success status: name -> description.
+    ok_headers: dict[str, str] = field(default_factory=dict)
 
 
 PREDICTION = "prediction"  # oneOf Prediction / MultiPrediction
 METRICS = "metrics"  # Prometheus text exposition
+HTML = "html"  # a page
+PREDICT_BODY = "predict-body"  # the v1 predict request, validated with this server's limits
 
 PREDICT_PATH = "/v1/models/{model_name}:predict"
 
@@ -136,6 +151,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         "Predict",
         PREDICTION,
         (400, 404, 408, 413, 415, 500, 503, 504),
+        request=PREDICT_BODY,
         description=(
             "Every instance is answered. One instance: the `Prediction` fields; several: "
             "`{\"ok\": true, \"predictions\": [...]}` in instance order. `images` are base64 files ordered "
@@ -203,6 +219,12 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         description="Prometheus text exposition (OpenMetrics when the Accept header asks for it).",
     ),
 }
+
+
+
+def register_operations(operations: dict[tuple[str, str], Operation]) -> None:
+    """Document the routes of another module (jobs, v2, OpenAI, the page): (method, path) -> Operation."""
+    OPERATIONS.update(operations)
 
 
 # ---- routes ---------------------------------------------------------------------------------------
@@ -291,19 +313,24 @@ def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
     schema = getattr(model, "schema", None)
     request_model = schema.request.model if schema is not None else None
     models: list[type[BaseModel]] = [ErrorBody]
+    request_models: list[type[BaseModel]] = []
     for key in ops:
-        ok = OPERATIONS[key].ok
-        if ok == PREDICTION:
-            models += [Prediction, MultiPrediction]
-        elif isinstance(ok, type) and issubclass(ok, BaseModel):
-            models.append(ok)
-        if 500 in OPERATIONS[key].errors:
+        op = OPERATIONS[key]
+        for ok in (op.ok, *(body for _, body in op.other_ok.values())):
+            if ok == PREDICTION:
+                models += [Prediction, MultiPrediction]
+            elif isinstance(ok, type) and issubclass(ok, BaseModel):
+                models.append(ok)
+        if 500 in op.errors:
             models.append(FailureBody)
+        if isinstance(op.request, type) and issubclass(op.request, BaseModel):
+            request_models.append(op.request)
     inputs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
         (m, "serialization") for m in dict.fromkeys(models)
     ]
     if request_model is not None:
         inputs.append((request_model, "validation"))
+    inputs += [(m, "validation") for m in dict.fromkeys(request_models)]
     with json_schema_limits(schema.limits if schema is not None else Limits()):
         refs, defs = models_json_schema(
             inputs, ref_template=_REF_PREFIX + "{model}", schema_generator=_ResponsesRequireDefaults
@@ -316,13 +343,19 @@ def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for method, path in ops:
-        operation = _operation(OPERATIONS[(method, path)], method, path, names, model)
-        if method == "POST" and path == PREDICT_PATH and request_model is not None:
+        op = OPERATIONS[(method, path)]
+        operation = _operation(op, method, path, names, model)
+        if op.request == PREDICT_BODY and request_model is not None:
             operation["requestBody"] = {
                 "required": True,
                 "content": {
                     "application/json": {"schema": _ref(names[request_model]), "example": CATALOG_EXAMPLE}
                 },
+            }
+        elif isinstance(op.request, type):
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(names[op.request])}},
             }
         paths.setdefault(path, {})[method.lower()] = operation
 
@@ -374,7 +407,15 @@ def _rename_refs(value: Any, renamed: dict[str, str]) -> Any:
 def _operation(
     op: Operation, method: str, path: str, names: dict[Any, str], model: Any
 ) -> dict[str, Any]:
-    responses: dict[str, Any] = {"200": _ok_response(op, names)}
+    responses: dict[str, Any] = {str(op.ok_status): _ok_response(op, names)}
+    if op.ok_headers:
+        responses[str(op.ok_status)]["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}} for name, text in op.ok_headers.items()
+        }
+    for status, (text, body) in op.other_ok.items():
+        responses[str(status)] = {"description": text}
+        if body is not None:
+            responses[str(status)]["content"] = {"application/json": {"schema": _ref(names[body])}}
     for status in op.errors:
         body = FailureBody if status == 500 else ErrorBody
         response: dict[str, Any] = {
@@ -399,6 +440,10 @@ def _operation(
     if op.description:
         operation["description"] = op.description
     params = _path_params(path, getattr(model, "name", ""))
+    params += [
+        {"name": name, "in": "query", "required": False, "schema": schema, "description": text}
+        for name, (schema, text) in op.query.items()
+    ]
     if params:
         operation["parameters"] = params
     return operation
@@ -408,11 +453,18 @@ def _ok_response(op: Operation, names: dict[Any, str]) -> dict[str, Any]:
     if op.ok == METRICS:
         text = {"schema": {"type": "string"}}
         return {"description": op.ok_description, "content": {PROMETHEUS_TEXT: text, OPENMETRICS_TEXT: text}}
+    if op.ok == HTML:
+        return {"description": op.ok_description, "content": {"text/html": {"schema": {"type": "string"}}}}
+    extra = {media: {"schema": {"type": "string"}} for media in op.ok_media}
     if op.ok == PREDICTION:
         schema: dict[str, Any] = {"oneOf": [_ref(names[Prediction]), _ref(names[MultiPrediction])]}
         content = {"schema": schema, "example": RESPONSE_EXAMPLE}
-        return {"description": op.ok_description, "content": {"application/json": content}}
-    return {"description": op.ok_description, "content": {"application/json": {"schema": _ref(names[op.ok])}}}
+        return {"description": op.ok_description, "content": {"application/json": content, **extra}}
+    if op.ok is None:
+        plain: dict[str, Any] = {"description": op.ok_description}
+        return {**plain, "content": extra} if extra else plain
+    body = {"application/json": {"schema": _ref(names[op.ok])}}
+    return {"description": op.ok_description, "content": {**body, **extra}}
 
 
 def _path_params(path: str, model_name: str) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.engine.jobs import JobFailed
+from app.engine.jobs import JobFailed, Progress
 from app.engine.params import STAGES, Stage
 from app.serving import metrics
 from app.serving.errors import DeadlineExceeded, GenerationFailed, QueueFull, ServiceError, ShuttingDown
@@ -32,10 +32,17 @@ class BatchRunner(Protocol):
     max_batch_images: int
 
     def run(
-        self, jobs: Sequence[Any], on_step: Callable[[int], Collection[int] | None] | None = None
+        self,
+        jobs: Sequence[Any],
+        on_step: Callable[[Sequence[Progress | None]], Collection[int] | None] | None = None,
     ) -> list[Any]:
         """One result per job; None for a job that `on_step` asked to stop."""
         ...
+
+
+#: Told about a ticket's life on the event loop: ("started", None) when its batch starts, then
+#: ("progress", [Progress | None per job of the ticket]) at every decode tick.
+Listener = Callable[[str, Any], None]
 
 
 @dataclass
@@ -45,14 +52,18 @@ class TicketResult:
 
 
 @dataclass(eq=False)
-class _Ticket:
+class Ticket:
+    """One request's jobs in the queue; `Scheduler.enqueue` makes it, `Scheduler.wait` awaits it."""
+
     jobs: list[Any]
     images: int
     enqueued: float  # time.monotonic()
     deadline: float  # time.monotonic()
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[TicketResult]
+    listener: Listener | None = None
     abandoned: bool = False  # the requester stopped waiting (deadline, disconnect or cancel)
+    started: bool = False  # its batch has begun (set by the worker thread)
 
 
 def _job_images(job: Any) -> int:
@@ -68,7 +79,7 @@ class Scheduler:
         self.pipeline = pipeline
         self.queue_size = queue_size
         self.max_batch_images = max(1, int(max_batch_images or pipeline.max_batch_images))
-        self._queue: collections.deque[_Ticket] = collections.deque()
+        self._queue: collections.deque[Ticket] = collections.deque()
         self._cond = threading.Condition()
         self._accepting = True
         self._stopping = False
@@ -121,37 +132,71 @@ class Scheduler:
 
     # ---- intake (event loop) ----------------------------------------------------------------------
 
-    async def submit(self, jobs: Sequence[Any], *, timeout: float) -> TicketResult:
+    async def submit(self, jobs: Sequence[Any], *, timeout: float, listener: Listener | None = None
+                     ) -> TicketResult:
         """Queue one request's jobs and wait for their results.
 
         Raises QueueFull or ShuttingDown (503), DeadlineExceeded (504) after `timeout` seconds,
         GenerationFailed (500) when the batch holding the request failed.
         """
+        return await self.wait(self.enqueue(jobs, timeout=timeout, listener=listener))
+
+    def enqueue(self, jobs: Sequence[Any], *, timeout: float, listener: Listener | None = None) -> Ticket:
+        """Queue one request's jobs without waiting (jobs API); raises QueueFull or ShuttingDown.
+
+        `timeout` counts from now; `listener` hears the ticket's start and progress on this loop.
+        """
         if not jobs:
             raise ValueError("a ticket needs at least one job")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        ticket = _Ticket(
+        ticket = Ticket(
             jobs=list(jobs),
             images=sum(_job_images(j) for j in jobs),
             enqueued=now,
             deadline=now + timeout,
             loop=loop,
             future=loop.create_future(),
+            listener=listener,
         )
         self._enqueue(ticket)
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> TicketResult:
+        """The ticket's results; DeadlineExceeded at its deadline. A waiter that is cancelled (the
+        client went away) abandons the ticket: queued, it never runs; running, it stops at the next tick.
+        """
         try:
-            return await asyncio.wait_for(ticket.future, timeout=max(0.0, ticket.deadline - time.monotonic()))
+            return await asyncio.wait_for(
+                asyncio.shield(ticket.future), timeout=max(0.0, ticket.deadline - time.monotonic())
+            )
         except TimeoutError:
-            ticket.abandoned = True
+            self.cancel(ticket)
+            limit = ticket.deadline - ticket.enqueued
             raise DeadlineExceeded(
-                f"the request did not finish within the server deadline of {timeout:g} s"
+                f"the request did not finish within the server deadline of {limit:g} s"
             ) from None
         except asyncio.CancelledError:
-            ticket.abandoned = True  # the client went away: do not spend GPU time on it
+            self.cancel(ticket)  # the client went away: do not spend GPU time on it
             raise
 
-    def _enqueue(self, ticket: _Ticket) -> None:
+    def cancel(self, ticket: Ticket) -> None:
+        """Give up a ticket: a queued one leaves the queue at once, a running one stops at the next tick."""
+        ticket.abandoned = True
+        with self._cond:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                metrics.QUEUE_DEPTH.set(len(self._queue))
+
+    def position(self, ticket: Ticket) -> int | None:
+        """The ticket's place in the queue (0: next), or None once it left the queue."""
+        with self._cond:
+            try:
+                return self._queue.index(ticket)
+            except ValueError:
+                return None
+
+    def _enqueue(self, ticket: Ticket) -> None:
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
@@ -165,7 +210,7 @@ class Scheduler:
 
     def _worker(self) -> None:
         while True:
-            batch: list[_Ticket] = []
+            batch: list[Ticket] = []
             try:
                 with self._cond:
                     while not self._queue and not self._stopping:
@@ -181,9 +226,9 @@ class Scheduler:
                 for ticket in batch:
                     self._answer(ticket, error=GenerationFailed("internal error in the scheduler; retry"))
 
-    def _take_batch_locked(self) -> list[_Ticket]:
+    def _take_batch_locked(self) -> list[Ticket]:
         now = time.monotonic()
-        batch: list[_Ticket] = []
+        batch: list[Ticket] = []
         images = 0
         while self._queue:
             ticket = self._queue[0]
@@ -202,12 +247,14 @@ class Scheduler:
             images += ticket.images
         return batch
 
-    def _run_batch(self, batch: list[_Ticket]) -> None:
+    def _run_batch(self, batch: list[Ticket]) -> None:
         started = time.monotonic()
         jobs = [job for ticket in batch for job in ticket.jobs]
         images = sum(ticket.images for ticket in batch)
         for ticket in batch:
             metrics.QUEUE_WAIT_SECONDS.observe(started - ticket.enqueued)
+            ticket.started = True
+            self._tell(ticket, "started", None)
         metrics.BATCH_IMAGES.observe(images)
         log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
         outcomes = self._run_pipeline(batch, jobs, images)
@@ -229,16 +276,22 @@ class Scheduler:
             else:
                 self._answer(ticket, result=TicketResult(mine, queue_seconds=started - ticket.enqueued))
 
-    def _run_pipeline(self, batch: list[_Ticket], jobs: list[Any], images: int) -> list[Any]:
+    def _run_pipeline(self, batch: list[Ticket], jobs: list[Any], images: int) -> list[Any]:
         """One outcome per job (see `app.engine.pipeline.Outcome`); the engine owns retries and memory.
 
         Anything the pipeline raises anyway is a bug: every job of the batch fails, the worker goes on.
         """
         owner = [ticket for ticket in batch for _ in ticket.jobs]  # job index -> its ticket
 
-        def stop_abandoned(step: int) -> list[int]:
-            # At each progress tick: the jobs whose requester gave up (deadline, hang-up, cancel)
-            # leave the batch; their partners go on.
+        def stop_abandoned(progress: Sequence[Progress | None]) -> list[int]:
+            # At each progress tick: listeners hear their jobs' progress, and the jobs whose requester
+            # gave up (deadline, hang-up, cancel) leave the batch; their partners go on.
+            offset = 0
+            for ticket in batch:
+                mine = list(progress[offset : offset + len(ticket.jobs)])
+                offset += len(ticket.jobs)
+                if ticket.listener is not None and not ticket.abandoned and any(p is not None for p in mine):
+                    self._tell(ticket, "progress", mine)
             return [n for n, ticket in enumerate(owner) if ticket.abandoned]
 
         try:
@@ -272,8 +325,25 @@ class Scheduler:
             batch_timings[stage] = sum(r.timings.get(stage, 0.0) for r in results)
         metrics.record_stage_timings(batch_timings)
 
+    @staticmethod
+    def _tell(ticket: Ticket, kind: str, payload: Any) -> None:
+        listener = ticket.listener
+        if listener is None:
+            return
+
+        def deliver() -> None:
+            try:
+                listener(kind, payload)
+            except Exception:  # a listener's bug must not cost the batch its progress
+                log.exception("scheduler: a progress listener failed")
+
+        try:
+            ticket.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the loop is closed
+            pass
+
     def _answer(
-        self, ticket: _Ticket, *, result: TicketResult | None = None, error: ServiceError | None = None
+        self, ticket: Ticket, *, result: TicketResult | None = None, error: ServiceError | None = None
     ) -> None:
         def deliver() -> None:
             if ticket.future.done():

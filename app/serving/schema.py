@@ -41,6 +41,7 @@ from app.engine.params import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     FORMATS,
+    MAX_PREVIEW_EVERY,
     MAX_TEMPERATURE,
     SEED_MAX,
     STAGES,
@@ -188,6 +189,16 @@ class GenerationParams(BaseModel):
         json_schema_extra=_undocumented_default,
     )
     format: ImageFormat = Field(default=next(iter(FORMATS)), description="Image file format.")
+    preview_every: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_PREVIEW_EVERY,
+        description=(
+            f"A partial preview after every that many completed image rows "
+            f"(0: none, 1..{MAX_PREVIEW_EVERY}); "
+            "sent as `preview` events by jobs and streams, ignored by predict."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

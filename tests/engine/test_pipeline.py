@@ -143,7 +143,7 @@ def test_a_stopped_job_in_a_rerun_stays_stopped(pipeline: Pipeline, monkeypatch:
     monkeypatch.setattr(pipeline.decoder, "generate", fail_shared)
     jobs = [Job("кот", replace(FAST, seed=31)), Job("пёс", replace(FAST, seed=32))]
     # The second job's requester is gone: its rerun is stopped at the first tick, the first runs.
-    first, second = pipeline.run(jobs, on_step=lambda steps: [1])
+    first, second = pipeline.run(jobs, on_step=lambda progress: [1])
     assert isinstance(first, JobResult) and second is None
 
 

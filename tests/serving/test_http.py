@@ -294,10 +294,10 @@ async def test_injected_failure_answers_500_then_next_request_with_super_res_suc
 async def test_unexpected_error_in_predict_is_500_without_the_prompt(served, monkeypatch):
     model, app = served
 
-    async def broken_submit(jobs, *, timeout):
-        raise ValueError(f"cannot handle {jobs[0].query}")
+    async def broken_wait(ticket):
+        raise ValueError(f"cannot handle {ticket.jobs[0].query}")
 
-    monkeypatch.setattr(model.scheduler, "submit", broken_submit)
+    monkeypatch.setattr(model.scheduler, "wait", broken_wait)
     async with client(app) as c:
         r = await c.post(PREDICT, json=one("секретный кот"))
     assert r.status_code == 500

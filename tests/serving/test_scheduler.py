@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 from prometheus_client import REGISTRY
 
-from app.engine.jobs import JobFailed
+from app.engine.jobs import JobFailed, Progress
 from app.serving.errors import DeadlineExceeded, GenerationFailed, QueueFull, ShuttingDown
 from app.serving.scheduler import Scheduler
 
@@ -63,7 +63,7 @@ class FakePipeline:
             if self.on_each_step is not None:
                 self.on_each_step(jobs, step)
             if on_step is not None:
-                for n in on_step(step) or ():
+                for n in on_step([Progress(step, self.steps) for _ in jobs]) or ():
                     self.stopped_at.setdefault(jobs[n].query, step)
                     stopped.add(n)
             if len(stopped) == len(jobs):
@@ -196,13 +196,8 @@ async def test_expired_request_is_answered_504_and_dropped_before_run(fake, make
 async def test_expired_ticket_is_dropped_by_the_worker_even_if_nobody_gave_up(fake, make_scheduler):
     sched = make_scheduler()
     first = await hold_first_batch(fake, sched)
-    loop = asyncio.get_running_loop()
     # enqueue without a waiting coroutine: only the worker's own deadline check can answer it
-    from app.serving.scheduler import _Ticket
-
-    now = time.monotonic()
-    ticket = _Ticket([job("stale")], 1, now, now + 0.01, loop, loop.create_future())
-    sched._enqueue(ticket)
+    ticket = sched.enqueue([job("stale")], timeout=0.01)
     await asyncio.sleep(0.05)
     fake.gate.set()
     await first

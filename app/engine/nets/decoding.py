@@ -36,9 +36,24 @@ from app.engine.params import SEED_MAX
 log = logging.getLogger(__name__)
 
 
-#: The progress callback: gets the decode steps done so far, returns the indices of the requests to
-#: stop (their rows leave the batch at once; the other rows go on with unchanged codes), or None.
-OnStep = Callable[[int], Collection[int] | None]
+@dataclass
+class Tick:
+    """What the decoder tells its progress callback, once per completed image row of the current chunk.
+
+    ``steps``: decode steps done so far, summed over chunks. ``done[r]``: image positions request ``r``
+    has sampled so far, summed over its images (``num_images * image_seq_length`` when it is complete).
+    ``partial(r)``: request ``r``'s codes so far, [num_images, image_seq_length] long on the CPU, -1 at
+    positions not sampled yet; it copies from the device, so call it only when a preview is wanted.
+    """
+
+    steps: int
+    done: list[int]
+    partial: Callable[[int], torch.Tensor]
+
+
+#: The progress callback: gets a ``Tick``, returns the indices of the requests to stop (their rows
+#: leave the batch at once; the other rows go on with unchanged codes), or None.
+OnStep = Callable[[Tick], Collection[int] | None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,9 @@ class GenerationRequest:
     num_images: int
     sampling: SamplingParams
     seed: int
+    # [image_seq_length] long: the code every image of the request takes at that position (an image
+    # prompt), -1 where it is sampled. Forced tokens are fed like sampled ones, so they enter the caches.
+    forced: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,6 +189,13 @@ class _CapturedSegment:
         return self.static_out
 
 
+def _forced_of(req: GenerationRequest, seq: int) -> torch.Tensor:
+    """The request's forced codes [seq] long on the CPU, -1 where it samples."""
+    if req.forced is None:
+        return torch.full((seq,), -1, dtype=torch.long)
+    return req.forced.long()
+
+
 def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -188,8 +213,9 @@ class ImageTokenDecoder:
     ``capture_graphs`` records each segment of the one-token step as a CUDA graph (ignored without CUDA).
     """
 
-    #: ``on_step`` is called at most once per this many decode steps (and after the last one).
-    progress_every = 32
+    #: ``on_step`` is called once per this many decode steps (and after the last one); None: once per
+    #: completed image row (``image_tokens_per_dim`` steps, 32 for Kandinsky).
+    progress_every: int | None = None
     #: Captured step graphs kept at most (micro-batches x segments x distinct chunk sizes).
     max_graphs = 64
 
@@ -282,6 +308,15 @@ class ImageTokenDecoder:
                              f"got {sp.temperature!r}")
         if isinstance(req.seed, bool) or not isinstance(req.seed, int) or not 0 <= req.seed <= SEED_MAX:
             raise ValueError(f"requests[{n}].seed must be an integer in 0..{SEED_MAX}, got {req.seed!r}")
+        if req.forced is not None:
+            f = req.forced
+            if not isinstance(f, torch.Tensor) or f.dim() != 1 or f.shape[0] != cfg.image_seq_length:
+                raise ValueError(f"requests[{n}].forced must be a [{cfg.image_seq_length}] tensor")
+            if f.dtype != torch.long or bool(((f < -1) | (f >= cfg.image_vocab_size)).any()):
+                last = cfg.image_vocab_size - 1
+                raise ValueError(f"requests[{n}].forced must hold -1 or codes in 0..{last}")
+            if bool((f >= 0).all()):
+                raise ValueError(f"requests[{n}].forced leaves no position to sample")
 
     # ----------------------------------------------------------------------------------- generation
 
@@ -293,10 +328,13 @@ class ImageTokenDecoder:
         Rows are decoded in chunks of at most ``max_batch_images`` (and of ``max_rows``, if given: a
         smaller chunk after an out-of-memory gives the same codes).
 
-        ``on_step(n)`` receives the number of decode steps done so far, summed over chunks, at most
-        every ``progress_every`` steps; it gets a Python int and never forces a device sync. The
-        request indices it returns are stopped there: their rows leave the batch (the others go on,
-        with the codes they would have had anyway) and their output is None.
+        ``on_step(tick)`` is called every ``progress_every`` steps (see ``Tick``); it never forces a
+        device sync unless it asks for partial codes. The request indices it returns are stopped
+        there: their rows leave the batch (the others go on, with the codes they would have had
+        anyway) and their output is None.
+
+        A request with ``forced`` positions takes those codes there in every image (never sampled,
+        still fed through every layer); its ppl averages over the sampled positions only.
         """
         for n, req in enumerate(requests):
             self._check_request(n, req)
@@ -315,26 +353,47 @@ class ImageTokenDecoder:
         self._ensure_caches(min(chunk_rows, len(rows)))
 
         steps_done = 0
+        finished = [0] * len(requests)  # per request: positions sampled in chunks already done
+        finished_rows: set[tuple[int, int]] = set()
         for c0 in range(0, len(rows), chunk_rows):
             chunk = [row for row in rows[c0 : c0 + chunk_rows] if row[0] not in stopped]
             if not chunk:
                 continue  # every row of this chunk belongs to stopped requests: no GPU time for it
 
-            def tick(steps: int, steps_before: int = steps_done) -> set[int]:
-                if on_step is not None:
-                    stopped.update(on_step(steps_before + steps) or ())
+            def tick(steps: int, live: list[tuple[int, int]], codes: torch.Tensor,
+                     steps_before: int = steps_done) -> set[int]:
+                if on_step is None:
+                    return stopped
+                done = list(finished)
+                for r, _ in live:
+                    done[r] += steps
+
+                def partial(r: int) -> torch.Tensor:
+                    out = torch.full((requests[r].num_images, seq), -1, dtype=torch.long)
+                    for k, (rr, i) in enumerate(live):
+                        if rr == r:
+                            out[i, :steps] = codes[:steps, k].cpu()
+                    for i in range(requests[r].num_images):
+                        if (r, i) in finished_rows:
+                            out[i] = codes_out[r][i]
+                    return out
+
+                stopped.update(on_step(Tick(steps_before + steps, done, partial)) or ())
                 return stopped
 
-            done, codes, ppl = self._decode_chunk(requests, chunk, uniforms, tick)
+            done_rows, codes, ppl = self._decode_chunk(requests, chunk, uniforms, tick)
             steps_done += seq
-            for k, (r, i) in enumerate(done):
+            for k, (r, i) in enumerate(done_rows):
                 codes_out[r][i] = codes[k]
                 ppl_out[r][i] = ppl[k]
+                finished[r] += seq
+                finished_rows.add((r, i))
         return [None if r in stopped else GenerationOutput(codes=c, ppl=p)
                 for r, (c, p) in enumerate(zip(codes_out, ppl_out))]
 
     def _decode_chunk(self, requests: Sequence[GenerationRequest], chunk: list[tuple[int, int]],
-                      uniforms: list[torch.Tensor], tick: Callable[[int], set[int]],
+                      uniforms: list[torch.Tensor],
+                      tick: Callable[[int, list[tuple[int, int]], torch.Tensor], set[int]],
                       ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
         """Decode the rows of one chunk: the rows that ran to the end (those of requests that ``tick``
         stopped leave early), their codes [B, image_seq_length] and ppl [B] on the CPU.
@@ -353,29 +412,38 @@ class ImageTokenDecoder:
                                    dtype=torch.float32).to(head)
         top_k = torch.tensor([requests[r].sampling.top_k for r, _ in chunk]).to(head)
         top_p = torch.tensor([requests[r].sampling.top_p for r, _ in chunk], dtype=torch.float32).to(head)
+        # [steps, B]: the forced code at each position of each row, -1 where the row samples.
+        forced = torch.stack([_forced_of(requests[r], seq) for r, _ in chunk], dim=1).to(head)
+        any_forced = any(requests[r].forced is not None for r, _ in chunk)
 
         codes = torch.empty(seq, b, dtype=torch.long, device=head)  # [steps, B]
         ppl_sum = torch.zeros(b, dtype=torch.float32, device=head)
         ppl_count = torch.zeros(b, dtype=torch.float32, device=head)
         groups = self._groups(b)
         logits = [first_logits[g.r0 : g.r1] for g in groups]  # per group [Bg, iv] fp32
+        every = self.progress_every or self.cfg.image_tokens_per_dim
 
         for step in range(seq):
             for n, g in enumerate(groups):
                 rs = slice(g.r0, g.r1)
                 tok = sample_tokens(logits[n], u[step, rs], temperature[rs], top_k[rs], top_p[rs])  # [Bg]
+                if any_forced:
+                    given = forced[step, rs]  # [Bg]
+                    tok = torch.where(given >= 0, given, tok)
                 if step > 0:
                     # Upstream's ppl: exp(CE) of the raw logits over image tokens 1.., exact zeros excluded.
                     # Always the logits that sampled the token (upstream's v2 second pass is off by one).
                     ce = F.cross_entropy(logits[n], tok, reduction="none")  # [Bg]
                     nonzero = ce != 0
+                    if any_forced:
+                        nonzero &= forced[step, rs] < 0  # ppl is over the sampled positions only
                     ppl_sum[rs] += torch.where(nonzero, ce.exp(), torch.zeros_like(ce))
                     ppl_count[rs] += nonzero
                 codes[step, rs] = tok
                 if step + 1 < seq:
                     logits[n] = self._forward_token(g, tok, self.n_text + step)
-            if (step + 1) % self.progress_every == 0 or step + 1 == seq:
-                stopped = tick(step + 1)
+            if (step + 1) % every == 0 or step + 1 == seq:
+                stopped = tick(step + 1, chunk, codes)
                 keep = [k for k, (r, _) in enumerate(chunk) if r not in stopped]
                 if len(keep) < len(chunk):
                     if not keep or step + 1 == seq:
@@ -388,7 +456,7 @@ class ImageTokenDecoder:
                     self.model.compact_caches(idx, len(chunk))
                     head_idx = idx.to(head)
                     all_logits = torch.cat(logits).index_select(0, head_idx)  # [B', iv]
-                    u, codes = u[:, head_idx], codes[:, head_idx]
+                    u, codes, forced = u[:, head_idx], codes[:, head_idx], forced[:, head_idx]
                     temperature, top_k, top_p = temperature[head_idx], top_k[head_idx], top_p[head_idx]
                     ppl_sum, ppl_count = ppl_sum[head_idx], ppl_count[head_idx]
                     chunk = [chunk[k] for k in keep]

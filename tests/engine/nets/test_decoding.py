@@ -322,13 +322,121 @@ def test_sampling_frequencies_follow_the_filtered_softmax():
     assert freq[3:].sum() == 0
 
 
-def test_on_step_reports_progress_at_most_every_32_steps(small_model):
-    calls: list[int] = []
+def test_on_step_ticks_once_per_image_row_counted_across_chunks(small_model):
+    ticks: list[decoding.Tick] = []
     reqs = [request(SMALL, seed=1, num_images=3)]
-    ImageTokenDecoder(small_model, 2).generate(reqs, on_step=calls.append)
-    steps = SMALL.image_seq_length
-    # Two chunks of 36 steps: 32 and 36 each time, counted across chunks.
-    assert calls == [32, steps, steps + 32, 2 * steps]
+    ImageTokenDecoder(small_model, 2).generate(reqs, on_step=ticks.append)
+    steps, row = SMALL.image_seq_length, SMALL.image_tokens_per_dim
+    # Two chunks (2 rows, then 1) of 36 steps each, a tick after every 6-token image row.
+    assert [t.steps for t in ticks] == [k * row for k in range(1, 2 * steps // row + 1)]
+    # done: the request's positions sampled so far, over all its images.
+    assert [t.done[0] for t in ticks] == [2 * k * row for k in range(1, 7)] + [2 * steps + k * row
+                                                                               for k in range(1, 7)]
+
+
+def test_tick_partial_codes_are_the_sampled_prefix_and_minus_one_after(small_model):
+    reqs = [request(SMALL, seed=1, num_images=3), request(SMALL, seed=2, num_images=1, text_seed=3)]
+    final = ImageTokenDecoder(small_model, 2).generate(reqs)
+    seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def look(tick: decoding.Tick) -> None:
+        seen.append((tick.steps, tick.partial(0), tick.partial(1)))
+
+    ImageTokenDecoder(small_model, 2).generate(reqs, on_step=look)
+    steps, row = SMALL.image_seq_length, SMALL.image_tokens_per_dim
+    first, second = final[0], final[1]
+    assert first is not None and second is not None
+    # After 2 rows of the first chunk (images 0 and 1 of request 0).
+    at, p0, p1 = seen[1]
+    assert at == 2 * row
+    assert torch.equal(p0[:2, : 2 * row], first.codes[:2, : 2 * row])
+    assert (p0[:2, 2 * row :] == -1).all() and (p0[2] == -1).all()
+    assert (p1 == -1).all()
+    # Two rows into the second chunk: images 0 and 1 complete, image 2 and request 1 partial.
+    at, p0, p1 = seen[7]
+    assert at == steps + 2 * row
+    assert torch.equal(p0[:2], first.codes[:2])
+    assert torch.equal(p0[2, : 2 * row], first.codes[2, : 2 * row]) and (p0[2, 2 * row :] == -1).all()
+    assert torch.equal(p1[0, : 2 * row], second.codes[0, : 2 * row])
+
+
+def forced_grid(cfg: DalleConfig, rows: int, left: int, seed: int) -> torch.Tensor:
+    """Codes on the top ``rows`` rows and the ``left`` leftmost columns, -1 elsewhere, [image_seq]."""
+    n = cfg.image_tokens_per_dim
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, cfg.image_vocab_size, (n, n), generator=gen)
+    keep = torch.zeros(n, n, dtype=torch.bool)
+    keep[:rows] = True
+    keep[:, :left] = True
+    return torch.where(keep, codes, torch.full_like(codes, -1)).flatten()
+
+
+def greedy_uncached_with_forced(model: DalleModel, text: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+    """The reference: one token at a time through the full uncached model, forced codes fed as given."""
+    cfg = model.cfg
+    codes = torch.empty(1, 0, dtype=torch.long)
+    for j in range(cfg.image_seq_length):
+        if forced[j] >= 0:
+            tok = forced[j : j + 1]
+        else:
+            ids = torch.cat((text[None], codes), dim=1)
+            with torch.no_grad():
+                logits = model(ids).float()[:, -1, cfg.vocab_size :]  # [1, iv]
+            tok = logits.argmax(-1)
+        codes = torch.cat((codes, tok[None]), dim=1)
+    return codes[0]
+
+
+GREEDY = SamplingParams(top_k=1, top_p=1.0, temperature=1.0)
+
+
+@pytest.mark.parametrize(("chunk", "microbatches"), [(8, 1), (8, 2), (2, 1)])
+def test_forced_positions_keep_their_codes_and_the_rest_matches_an_uncached_greedy_loop(
+    small_model, chunk, microbatches
+):
+    forced = forced_grid(SMALL, rows=2, left=1, seed=5)
+    with_prompt = GenerationRequest(text_ids(SMALL, 0), 2, GREEDY, seed=1, forced=forced)
+    plain = request(SMALL, seed=2, num_images=2, text_seed=4)
+    other_prompt = GenerationRequest(text_ids(SMALL, 6), 1, GREEDY, seed=3,
+                                     forced=forced_grid(SMALL, rows=0, left=3, seed=7))
+    dec = ImageTokenDecoder(small_model, chunk, microbatches=microbatches)
+    out = dec.generate([plain, with_prompt, other_prompt])
+    alone_plain = ImageTokenDecoder(small_model, 8).generate([plain])[0]
+    got, got_other, got_plain = out[1], out[2], out[0]
+    assert got is not None and got_other is not None and got_plain is not None and alone_plain is not None
+    want = greedy_uncached_with_forced(small_model, text_ids(SMALL, 0), forced)
+    assert torch.equal(got.codes[0], want) and torch.equal(got.codes[1], want)
+    assert torch.equal(got.codes[0][forced >= 0], forced[forced >= 0])
+    other_forced = other_prompt.forced
+    assert other_forced is not None
+    assert torch.equal(got_other.codes[0], greedy_uncached_with_forced(small_model, text_ids(SMALL, 6),
+                                                                       other_forced))
+    # A plain request batched with image-prompt ones keeps the codes it has alone.
+    assert torch.equal(got_plain.codes, alone_plain.codes)
+
+
+def test_ppl_with_forced_positions_averages_over_sampled_positions_only(small_model):
+    forced = forced_grid(SMALL, rows=3, left=0, seed=9)
+    req = GenerationRequest(text_ids(SMALL, 0), 1, SamplingParams(SMALL.image_vocab_size, 1.0, 1.0), seed=4,
+                            forced=forced)
+    out = ImageTokenDecoder(small_model, 4).generate([req])[0]
+    assert out is not None
+    logits = full_image_logits(small_model, text_ids(SMALL, 0), out.codes)[0]  # [image_seq, iv]
+    ce = F.cross_entropy(logits, out.codes[0], reduction="none")
+    sampled = (forced < 0) & (torch.arange(SMALL.image_seq_length) > 0)
+    torch.testing.assert_close(out.ppl[0], ce[sampled].exp().mean(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("forced", "message"),
+    [(torch.zeros(5, dtype=torch.long), r"forced must be a \[36\] tensor"),
+     (torch.full((36,), 48, dtype=torch.long), "codes in 0..47"),
+     (torch.zeros(36, dtype=torch.long), "no position to sample")],
+)
+def test_bad_forced_positions_are_refused_naming_the_field(small_model, forced, message):
+    req = GenerationRequest(text_ids(SMALL, 0), 1, GREEDY, seed=1, forced=forced)
+    with pytest.raises(ValueError, match=message):
+        ImageTokenDecoder(small_model, 2).generate([req])
 
 
 @pytest.mark.parametrize(("chunk", "microbatches"), [(8, 1), (8, 2), (3, 1)])
@@ -351,9 +459,9 @@ def test_a_stopped_request_leaves_the_batch_and_its_partners_codes_do_not_change
     monkeypatch.setattr(dec, "_forward_token", counting_forward)
     ticks: list[int] = []
 
-    def stop_the_second(steps: int) -> list[int]:
-        ticks.append(steps)
-        return [1] if steps >= 8 else []
+    def stop_the_second(tick: decoding.Tick) -> list[int]:
+        ticks.append(tick.steps)
+        return [1] if tick.steps >= 8 else []
 
     out = dec.generate(reqs, on_step=stop_the_second)
     assert out[1] is None
@@ -377,9 +485,9 @@ def test_stopping_every_request_ends_generation_at_the_tick(monkeypatch, small_m
     real_forward = dec._forward_token
     monkeypatch.setattr(dec, "_forward_token",
                         lambda g, tokens, pos: fed.append(pos) or real_forward(g, tokens, pos))
-    out = dec.generate(reqs, on_step=lambda steps: [0, 1])
+    out = dec.generate(reqs, on_step=lambda tick: [0, 1])
     assert out == [None, None]
-    assert len(fed) == dec.progress_every  # the first tick stopped everything
+    assert len(fed) == SMALL.image_tokens_per_dim  # the first tick, one image row in, stopped everything
 
 
 def test_capture_graphs_is_a_noop_on_cpu(small_model, caplog):
