@@ -63,7 +63,7 @@ CLIENT_CLOSED = 499
 DRAIN_LIMIT_BYTES = 16 << 20
 
 # KServe routes this server does not serve: the repository API would let anyone unload the model;
-# explain, model versions and v2 infer are not implemented for this model (v2 infer: issue 11).
+# explain and model versions are not implemented for this model (it has one version).
 UNSERVED_ROUTES = (
     ("/v1/models/{model_name}:explain", "POST"),
     ("/v2/repository/models/{model_name}/load", "POST"),
@@ -71,8 +71,21 @@ UNSERVED_ROUTES = (
     ("/v2/models/{model_name}/versions/{model_version}", "GET"),
     ("/v2/models/{model_name}/versions/{model_version}/ready", "GET"),
     ("/v2/models/{model_name}/versions/{model_version}/infer", "POST"),
-    ("/v2/models/{model_name}/infer", "POST"),
 )
+#: The generation requests counted in kandinsky_requests_total, by protocol (gRPC counts its own).
+_PROTOCOL_ROUTES = (
+    ("v1", re.compile(r"^/v1/models/[^/]+:predict$")),
+    ("jobs", re.compile(r"^/v1/models/[^/]+/jobs$")),
+    ("v2", re.compile(r"^/v2/models/[^/]+/infer$")),
+    ("openai", re.compile(r"^/openai/v1/images/generations$")),
+)
+
+
+def protocol_of(method: str, path: str) -> str | None:
+    """The protocol of a generation request (`kandinsky_requests_total{protocol}`), None for other routes."""
+    if method != "POST":
+        return None
+    return next((name for name, pattern in _PROTOCOL_ROUTES if pattern.match(path)), None)
 LIVENESS_PATHS = ("/", "/v2/health/live")
 READINESS_PATH = "/v2/health/ready"
 
@@ -95,7 +108,7 @@ class ServiceMiddleware:
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
-        is_predict = scope["method"] == "POST" and scope["path"].endswith(":predict")
+        protocol = protocol_of(scope["method"], scope["path"])
         status = [0]
 
         async def send_wrapper(message: Message) -> None:
@@ -115,8 +128,8 @@ class ServiceMiddleware:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            if is_predict and status[0]:
-                metrics.REQUESTS_TOTAL.labels(code=str(status[0])).inc()
+            if protocol is not None and status[0]:
+                metrics.REQUESTS_TOTAL.labels(code=str(status[0]), protocol=protocol).inc()
                 metrics.REQUEST_SECONDS.observe(elapsed)
             _log_access(scope, request_id, status[0], elapsed)
 

@@ -40,7 +40,13 @@ BATCH_IMAGES = Histogram(
 )
 IMAGES_TOTAL = Counter("kandinsky_images_total", "Images sampled.")
 IMAGE_TOKENS_TOTAL = Counter("kandinsky_image_tokens_total", "Image tokens sampled.")
-REQUESTS_TOTAL = Counter("kandinsky_requests_total", "Predict requests answered, by HTTP status.", ["code"])
+#: Protocols of kandinsky_requests_total; gRPC's codes are its status names (OK, INVALID_ARGUMENT, ...).
+PROTOCOLS = ("v1", "v2", "grpc", "openai", "jobs")
+REQUESTS_TOTAL = Counter(
+    "kandinsky_requests_total",
+    "Generation requests answered, by status code and protocol (v1, v2, grpc, openai, jobs).",
+    ["code", "protocol"],
+)
 GPU_MEMORY_BYTES = Gauge(
     "kandinsky_gpu_memory_bytes", "CUDA memory allocated by this process, per device.", ["device"]
 )

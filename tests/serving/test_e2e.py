@@ -87,7 +87,8 @@ def test_server_process_answers_the_catalog_example_and_exits_cleanly_on_sigterm
     for b64 in body["images"]:
         Image.open(io.BytesIO(base64.b64decode(b64))).verify()
     assert httpx.get(f"{base}/v2/health/live", timeout=5).status_code == 200
-    assert 'kandinsky_requests_total{code="200"}' in httpx.get(f"{base}/metrics", timeout=5).text
+    metrics_text = httpx.get(f"{base}/metrics", timeout=5).text
+    assert 'kandinsky_requests_total{code="200",protocol="v1"}' in metrics_text
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, "".join(lines)[-3000:]

@@ -120,13 +120,13 @@ def test_model_version_query_is_a_400_naming_it(srv):
 
 def test_client_that_hangs_up_stops_its_rows_and_is_counted_499(srv):
     base, lines = srv["base"], srv["lines"]
-    closed = metric(base, "kandinsky_requests_total", '{code="499"}')
+    closed = metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}')
     images = metric(base, "kandinsky_images_total")
     batches = sum("batch: 1 request(s)" in e["message"] for e in logged(lines))
     sock = raw_request(srv["port"], "POST", f"/v1/models/{NAME}:predict", predict_body(8, 3))
     wait_for(lambda: sum("batch: 1 request(s)" in e["message"] for e in logged(lines)) > batches)
     sock.close()  # the client hangs up while its 8 images are being sampled
-    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499"}') == closed + 1)
+    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}') == closed + 1)
     # The next request is served, and the abandoned one never completed its images.
     r = httpx.post(f"{base}/v1/models/{NAME}:predict", content=predict_body(1, 4), timeout=120,
                    headers={"content-type": "application/json"})
@@ -137,7 +137,7 @@ def test_client_that_hangs_up_stops_its_rows_and_is_counted_499(srv):
 
 def test_hang_up_in_a_shared_batch_leaves_the_partner_its_own_images(srv):
     base, port, lines = srv["base"], srv["port"], srv["lines"]
-    closed = metric(base, "kandinsky_requests_total", '{code="499"}')
+    closed = metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}')
     images = metric(base, "kandinsky_images_total")
     shared = sum("batch: 2 request(s)" in e["message"] for e in logged(lines))
     started = sum("batch:" in e["message"] for e in logged(lines))
@@ -159,7 +159,7 @@ def test_hang_up_in_a_shared_batch_leaves_the_partner_its_own_images(srv):
     blocker.join(300)
     partner.join(300)
     assert results["blocker"].status_code == 200 and results["partner"].status_code == 200
-    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499"}') == closed + 1)
+    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}') == closed + 1)
     post("alone", predict_body(1, 12, "собака"))
     assert results["alone"].status_code == 200
     # The partner's image is the one it gets alone: the hang-up did not disturb its rows.

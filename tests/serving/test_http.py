@@ -126,8 +126,8 @@ class Observed:
 
 
 WATCHED = {
-    "ok": ("kandinsky_requests_total", {"code": "200"}),
-    "busy": ("kandinsky_requests_total", {"code": "503"}),
+    "ok": ("kandinsky_requests_total", {"code": "200", "protocol": "v1"}),
+    "busy": ("kandinsky_requests_total", {"code": "503", "protocol": "v1"}),
     "images": ("kandinsky_images_total", None),
     "tokens": ("kandinsky_image_tokens_total", None),
     "batches": ("kandinsky_batch_images_count", None),
