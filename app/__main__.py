@@ -90,6 +90,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "--request_timeout": args.request_timeout,
         "--max_body_bytes": args.max_body_bytes,
         "--body_timeout": args.body_timeout,
+        "--job_ttl": args.job_ttl,
+        "--max_jobs": args.max_jobs,
+        "--keepalive": args.keepalive,
     }
     for flag, value in positive.items():
         if not value > 0:

@@ -66,6 +66,19 @@ class GenerationFailed(ServiceError):
         return {"ok": False, "error": self.message}
 
 
+class NotFound(ServiceError):
+    """No such resource (a job id that is unknown or expired): 404."""
+
+    status = 404
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the resource's state (cancelling a finished job, an idempotency key
+    reused with another body): 409."""
+
+    status = 409
+
+
 async def service_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)  # registered for ServiceError only
     return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers())

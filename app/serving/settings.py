@@ -39,6 +39,9 @@ class ServerSettings:
     request_timeout: float = _flag(600.0, "Server deadline per request in seconds (504).")
     max_body_bytes: int = _flag(1 << 20, "Request body limit (413).")
     body_timeout: float = _flag(30.0, "Seconds for a request body to arrive (408).")
+    job_ttl: float = _flag(3600.0, "Seconds a finished job is kept for polling.")
+    max_jobs: int = _flag(256, "Finished jobs kept at most; the oldest are dropped first.")
+    keepalive: float = _flag(15.0, "Seconds between keep-alive comments on an event stream.")
     log_format: str = _flag(
         "text",
         "text: one human-readable line per record; json: one JSON object per line.",
