@@ -86,7 +86,7 @@ def protocol_of(method: str, path: str) -> str | None:
     if method != "POST":
         return None
     return next((name for name, pattern in _PROTOCOL_ROUTES if pattern.match(path)), None)
-LIVENESS_PATHS = ("/", "/v2/health/live")
+LIVENESS_PATH = "/v2/health/live"
 READINESS_PATH = "/v2/health/ready"
 
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
@@ -156,7 +156,8 @@ class ServiceMiddleware:
         if body is None:
             return  # answered (413) or the client is gone
         if is_v1:
-            problem = self._json_problem(body, is_predict=scope["path"].endswith(":predict"))
+            is_predict = protocol_of("POST", scope["path"]) in ("v1", "jobs")
+            problem = self._json_problem(body, is_predict=is_predict)
             if problem is not None:
                 await _error(send, 400, problem)
                 return
@@ -399,8 +400,8 @@ def _add_health_and_shadow_routes(app: FastAPI, model: KandinskyModel) -> None:
     """
 
     async def live(request: Request) -> JSONResponse:
-        if model.alive:  # the root answers as KServe's does, the v2 route as the v2 protocol says
-            return JSONResponse({"status": "alive"} if request.url.path == "/" else {"live": True})
+        if model.alive:
+            return JSONResponse({"live": True})
         return JSONResponse({"error": "the model is not loaded or its worker stopped"}, status_code=503)
 
     async def ready() -> JSONResponse:
@@ -411,8 +412,7 @@ def _add_health_and_shadow_routes(app: FastAPI, model: KandinskyModel) -> None:
     async def not_served(request: Request) -> JSONResponse:
         return JSONResponse({"error": f"{request.url.path} is not served by this server"}, status_code=404)
 
-    for path in LIVENESS_PATHS:
-        app.add_api_route(path, live, methods=["GET"], tags=["Health"], summary="Liveness")
+    app.add_api_route(LIVENESS_PATH, live, methods=["GET"], tags=["Health"], summary="Liveness")
     app.add_api_route(READINESS_PATH, ready, methods=["GET"], tags=["Health"], summary="Readiness")
     for path, method in UNSERVED_ROUTES:
         app.add_api_route(path, not_served, methods=[method], include_in_schema=False)
@@ -443,7 +443,9 @@ def configure_app(app: FastAPI, model: KandinskyModel) -> None:
 
     Call it before KServe's REST server starts (it finishes the app on the first ASGI call).
     """
+    from app.serving.jobs import install_jobs
     from app.serving.openapi import install_openapi
+    from app.serving.page import install_page
 
     app.add_middleware(ServiceMiddleware, model=model)
     install_exception_handlers(app)
@@ -455,6 +457,8 @@ def configure_app(app: FastAPI, model: KandinskyModel) -> None:
 
     app.add_api_route(CARD_PATH, model_card, methods=["GET"], tags=["Catalog"], summary="Model card")
     _add_health_and_shadow_routes(app, model)
+    install_page(app)
+    install_jobs(app, model)
     install_openapi(app, model)
     _drain_on_signal(app, model.begin_drain)
     _after_kserve_setup(app, lambda: _replace_kserve_error_handlers(app))

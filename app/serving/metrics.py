@@ -47,6 +47,8 @@ REQUESTS_TOTAL = Counter(
     "Generation requests answered, by status code and protocol (v1, v2, grpc, openai, jobs).",
     ["code", "protocol"],
 )
+JOBS = Gauge("kandinsky_jobs", "Jobs held in memory, by status.", ["status"])
+JOB_EVENTS_TOTAL = Counter("kandinsky_job_events_total", "Job events published, by event name.", ["event"])
 GPU_MEMORY_BYTES = Gauge(
     "kandinsky_gpu_memory_bytes", "CUDA memory allocated by this process, per device.", ["device"]
 )

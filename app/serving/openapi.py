@@ -75,10 +75,6 @@ class FailureBody(BaseModel):
     error: str
 
 
-class HealthStatus(BaseModel):
-    status: str = Field(description='"alive".', examples=["alive"])
-
-
 class ModelCard(BaseModel):
     """The model card for catalogs (app/serving/card.py): metadata, architecture, limits and the schemas."""
 
@@ -192,11 +188,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         error_descriptions={503: "The model is loading or the server is shutting down."},
     ),
     ("GET", "/"): Operation(
-        "Liveness",
-        "Health",
-        HealthStatus,
-        (503,),
-        error_descriptions={503: "Not live: the model is not loaded."},
+        "The web page",
+        "Page",
+        HTML,
+        description="Generate images from a browser: progress, previews, Cancel. Works offline.",
     ),
     ("GET", "/v2/health/live"): Operation(
         "Liveness (v2)",
