@@ -33,6 +33,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from grpc_interceptor.exceptions import PermissionDenied
 from kserve.errors import (
@@ -45,6 +46,7 @@ from kserve.errors import (
     UnsupportedProtocol,
 )
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serving import metrics
@@ -87,6 +89,7 @@ def protocol_of(method: str, path: str) -> str | None:
         return None
     return next((name for name, pattern in _PROTOCOL_ROUTES if pattern.match(path)), None)
 LIVENESS_PATH = "/v2/health/live"
+OPENAI_PREFIX = "/openai/"
 READINESS_PATH = "/v2/health/ready"
 
 _JSON_TYPE = re.compile(r"^application/(?:[\w.+-]+\+)?json$")
@@ -136,7 +139,7 @@ class ServiceMiddleware:
     async def _handle(self, scope: Scope, receive: Receive, send: Send, status: list[int]) -> None:
         problem = _query_problem(scope)
         if problem is not None:
-            await _error(send, 400, problem)
+            await _error(send, 400, problem, scope=scope)
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
@@ -151,7 +154,7 @@ class ServiceMiddleware:
                 body = await self._read_body(scope, receive, send)
         except TimeoutError:
             await _error(send, 408, f"the request body did not arrive within {self.body_timeout:g} s",
-                         close=True)
+                         close=True, scope=scope)
             return
         if body is None:
             return  # answered (413) or the client is gone
@@ -166,7 +169,7 @@ class ServiceMiddleware:
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await self._refuse_too_large(receive, send, declared)
+            await self._refuse_too_large(scope, receive, send, declared)
             return None
         body = bytearray()
         while True:
@@ -176,13 +179,15 @@ class ServiceMiddleware:
             body += message.get("body", b"")
             # The declared length can lie (or be absent with chunked encoding): count what arrives.
             if len(body) > self.max_body_bytes:
-                await self._refuse_too_large(receive, send, None, len(body), message.get("more_body", False))
+                more = message.get("more_body", False)
+                await self._refuse_too_large(scope, receive, send, None, len(body), more)
                 return None
             if not message.get("more_body", False):
                 return bytes(body)
 
     async def _refuse_too_large(
-        self, receive: Receive, send: Send, declared: int | None, read: int = 0, more: bool = True
+        self, scope: Scope, receive: Receive, send: Send, declared: int | None, read: int = 0,
+        more: bool = True,
     ) -> None:
         # Closing on a client that is still sending makes its kernel answer with a reset, and most
         # clients then report the reset instead of our 413: read (and drop) a bounded amount first.
@@ -193,7 +198,8 @@ class ServiceMiddleware:
                     return
                 read += len(message.get("body", b""))
                 more = message.get("more_body", False)
-        await _error(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes", close=True)
+        await _error(send, 413, f"request body exceeds the limit of {self.max_body_bytes} bytes", close=True,
+                     scope=scope)
 
     def _json_problem(self, body: bytes, *, is_predict: bool) -> str | None:
         """What is wrong with a v1 JSON body, in words that name the place or the field; None if fine."""
@@ -341,9 +347,16 @@ def _log_access(scope: Scope, request_id: str, status: int, elapsed: float) -> N
     )
 
 
-async def _error(send: Send, status: int, message: str, *, close: bool = False) -> None:
+async def _error(send: Send, status: int, message: str, *, close: bool = False, scope: Scope | None = None
+                 ) -> None:
+    """An error answered by the middleware itself, in the body shape of the route's protocol."""
     headers = {"connection": "close"} if close else None
-    response = JSONResponse(status_code=status, content={"error": message}, headers=headers)
+    content: dict[str, Any] = {"error": message}
+    if scope is not None and scope.get("path", "").startswith(OPENAI_PREFIX):
+        from app.serving.openai import error_body
+
+        content = error_body(status, message)
+    response = JSONResponse(status_code=status, content=content, headers=headers)
     await response({"type": "http"}, _no_receive, send)
 
 
@@ -421,6 +434,30 @@ def _add_health_and_shadow_routes(app: FastAPI, model: KandinskyModel) -> None:
 def _replace_kserve_error_handlers(app: FastAPI) -> None:
     for exc_class in (*_KSERVE_ERRORS, Exception):
         app.add_exception_handler(exc_class, kserve_error_handler)
+    app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own errors (a body that is not JSON, 404, 405) in our `{"error"}` shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code < 500:
+        log.warning("%s %s: %d %s", request.method, request.url.path, exc.status_code, exc.detail)
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
+                        headers=getattr(exc, "headers", None))
+
+
+async def request_validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 for a body that does not fit a route's model (KServe's v2 infer) -> our 400,
+    naming the place: `inputs[0].datatype: Field required`."""
+    assert isinstance(exc, RequestValidationError)
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [p for p in err.get("loc", ()) if p != "body"]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    log.warning("%s %s: 400 %s", request.method, request.url.path, "; ".join(parts))
+    return JSONResponse(status_code=400, content={"error": "; ".join(parts)})
 
 
 def _after_kserve_setup(app: FastAPI, finish: Callable[[], None]) -> None:
@@ -444,6 +481,7 @@ def configure_app(app: FastAPI, model: KandinskyModel) -> None:
     Call it before KServe's REST server starts (it finishes the app on the first ASGI call).
     """
     from app.serving.jobs import install_jobs
+    from app.serving.openai import install_openai
     from app.serving.openapi import install_openapi
     from app.serving.page import install_page
 
@@ -459,6 +497,7 @@ def configure_app(app: FastAPI, model: KandinskyModel) -> None:
     _add_health_and_shadow_routes(app, model)
     install_page(app)
     install_jobs(app, model)
+    install_openai(app, model)
     install_openapi(app, model)
     _drain_on_signal(app, model.begin_drain)
     _after_kserve_setup(app, lambda: _replace_kserve_error_handlers(app))

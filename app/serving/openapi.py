@@ -132,6 +132,8 @@ class Operation:
     query: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
     #: Response headers of the success status: name -> description.
     ok_headers: dict[str, str] = field(default_factory=dict)
+    #: The body of every error status, when not ours (`ErrorBody`, `FailureBody` for 500).
+    error_body: Any = None
 
 
 PREDICTION = "prediction"  # oneOf Prediction / MultiPrediction
@@ -318,6 +320,8 @@ def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
                 models.append(ok)
         if 500 in op.errors:
             models.append(FailureBody)
+        if op.error_body is not None:
+            models.append(op.error_body)
         if isinstance(op.request, type) and issubclass(op.request, BaseModel):
             request_models.append(op.request)
     inputs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
@@ -412,7 +416,7 @@ def _operation(
         if body is not None:
             responses[str(status)]["content"] = {"application/json": {"schema": _ref(names[body])}}
     for status in op.errors:
-        body = FailureBody if status == 500 else ErrorBody
+        body = op.error_body or (FailureBody if status == 500 else ErrorBody)
         response: dict[str, Any] = {
             "description": op.error_descriptions.get(status, _ERRORS[status]),
             "content": {"application/json": {"schema": _ref(names[body])}},

@@ -15,7 +15,8 @@ import jsonschema
 import pytest
 from fastapi import APIRouter, FastAPI
 
-import app.serving.jobs  # noqa: F401  (registers the job routes' operations)
+import app.serving.jobs  # noqa: F401  (these register their routes' operations)
+import app.serving.openai  # noqa: F401
 from app.engine.pipeline import Pipeline
 from app.serving.card import CARD_PATH
 from app.serving.model import KandinskyModel, ServerSettings
@@ -46,6 +47,8 @@ STATUSES: dict[tuple[str, str], set[int]] = {
     ("GET", "/"): {200},
     # SPEC.md section 8: the Open Inference Protocol.
     ("POST", "/v2/models/{model_name}/infer"): {200, 400, 404, 408, 413, 500, 503, 504},
+    ("POST", "/openai/v1/images/generations"): {200, 400, 404, 408, 413, 500, 503, 504},
+    ("GET", "/openai/v1/models"): {200},
     # SPEC.md section 7: jobs.
     ("POST", "/v1/models/{model_name}/jobs"): {200, 202, 400, 404, 408, 409, 413, 415, 503},
     ("GET", "/v1/models/{model_name}/jobs"): {200, 404},

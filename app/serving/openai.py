@@ -1,0 +1,304 @@
+"""The OpenAI images API (SPEC section 8): `POST /openai/v1/images/generations`, `GET /openai/v1/models`.
+
+So that the official `openai` client works with `base_url=http://HOST/openai/v1`. KServe 0.21's OpenAI
+layer has no image generation (and needs vllm), so these are our own routes on the app. A request becomes
+one v1 instance and takes the path every protocol takes (`KandinskyModel.parse` / `enqueue`): the same
+queue, batching, seeds and validation as predict. Errors come in OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, naming OpenAI's parameter where there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from kserve.errors import ModelNotReady
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.engine.jobs import Progress
+from app.engine.params import MAX_TEMPERATURE, SEED_MAX
+from app.serving.errors import RequestInvalid, ServiceError
+from app.serving.model import KandinskyModel
+from app.serving.openapi import Operation, register_operations
+from app.serving.scheduler import Ticket
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/openai/v1"
+GENERATIONS_PATH = PREFIX + "/images/generations"
+MODELS_PATH = PREFIX + "/models"
+#: OpenAI's sizes -> whether the kept images are upscaled x4 by RealESRGAN.
+SIZES = {"256x256": False, "1024x1024": True}
+DEFAULT_SIZE: Literal["1024x1024"] = "1024x1024"
+MAX_PARTIAL_IMAGES = 3
+#: Image rows in Kandinsky's grid; partial images come at evenly spaced rows before the last.
+GRID_ROWS = 32
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's `images.generate` body; the extra fields carry ruDALL-E's own parameters."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str = Field(description="The served model's name.")
+    prompt: str = Field(description="The query (Russian), as v1 `query`.")
+    n: int = Field(default=1, ge=1, le=16, description="Images returned: the best `n` by ruCLIP.")
+    size: Literal["256x256", "1024x1024"] = Field(
+        default=DEFAULT_SIZE, description='"1024x1024" is the x4 RealESRGAN upscale of the 256x256 image.'
+    )
+    response_format: Literal["b64_json"] = Field(default="b64_json", description='Only "b64_json".')
+    output_format: Literal["png", "jpeg", "webp"] = Field(default="png")
+    stream: bool = Field(default=False, description="Server-sent events, OpenAI's image_generation.* events.")
+    partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES,
+                                description="Partial images sent before the final ones when streaming.")
+    user: str | None = Field(default=None, description="Accepted for compatibility; not used.")
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX, description="As v1 `seed`.")
+    top_k: int | None = Field(default=None, ge=1, description="As v1 `top_k`.")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="As v1 `top_p`.")
+    temperature: float | None = Field(default=None, gt=0.0, le=MAX_TEMPERATURE, description="As v1.")
+    images_to_gen: int | None = Field(
+        default=None, ge=1, description="Generate this many and keep the best `n` by ruCLIP (default: n)."
+    )
+    image_prompt: dict[str, Any] | None = Field(default=None, description="As v1 `image_prompt` (section 9).")
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+class ImageData(BaseModel):
+    b64_json: str
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: str
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class _Problem(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
+          503: "server_error", 504: "server_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None
+               ) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error_response(problem: _Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = error_body(problem.status, problem.message, problem.param, problem.code)
+    return JSONResponse(body, status_code=problem.status, headers=headers)
+
+
+# Where the v1 schema names a field, the OpenAI parameter that set it.
+_V1_TO_OPENAI = {"query": "prompt", "images_to_cherry_pick": "n", "format": "output_format",
+                 "super_res": "size"}
+_V1_FIELD = re.compile(r"^instances\[0\]\.(?:params\.)?([\w.]+)")
+
+
+def _param_of(message: str) -> str | None:
+    match = _V1_FIELD.match(message)
+    if match is None:
+        return None
+    name = match.group(1)
+    head = name.split(".", 1)[0]
+    return _V1_TO_OPENAI.get(head, name)
+
+
+def _rename(message: str) -> str:
+    """A v1 schema message in OpenAI's names: `instances[0].params.top_k: ...` -> `top_k: ...`."""
+    param = _param_of(message)
+    if param is None:
+        return message
+    return _V1_FIELD.sub(param, message, count=1)
+
+
+def parse_request(raw: bytes, model: KandinskyModel) -> tuple[ImageGenerationRequest, list[Any]]:
+    """The body -> (the OpenAI request, the validated v1 instance); _Problem naming the parameter."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _Problem(400, "body: not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise _Problem(400, "body: must be a JSON object")
+    try:
+        req = ImageGenerationRequest.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        message = f"{param}: {err['msg']}" if param else err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = f"{param}: unknown parameter"
+        elif param == "response_format":
+            message = 'response_format: only "b64_json" is served (this server keeps no image URLs)'
+        elif param == "size":
+            message = f"size: must be one of {', '.join(SIZES)}"
+        raise _Problem(400, message, param) from None
+    if req.model != model.name:
+        raise _Problem(404, f"model: {req.model!r} is not served here (this server serves {model.name!r})",
+                       "model", "model_not_found")
+    images_to_gen = req.images_to_gen if req.images_to_gen is not None else req.n
+    if images_to_gen < req.n:
+        raise _Problem(400, f"images_to_gen: must be >= n ({req.n})", "images_to_gen")
+    params: dict[str, Any] = {
+        "images_to_gen": images_to_gen,
+        "images_to_cherry_pick": req.n,
+        "super_res": SIZES[req.size],
+        "format": req.output_format,
+    }
+    for name in ("seed", "top_k", "top_p", "temperature", "image_prompt"):
+        value = getattr(req, name)
+        if value is not None:
+            params[name] = value
+    if req.stream and req.partial_images:
+        params["preview_every"] = GRID_ROWS // (req.partial_images + 1)
+    try:
+        instances = model.parse({"instances": [{"query": req.prompt, "params": params}]})
+    except RequestInvalid as exc:
+        raise _Problem(400, _rename(exc.message), _param_of(exc.message)) from None
+    return req, instances
+
+
+async def _stream(model: KandinskyModel, req: ImageGenerationRequest, ticket: Ticket,
+                  events: asyncio.Queue[tuple[str, Any]]) -> AsyncIterator[ServerSentEvent]:
+    """OpenAI's streaming events: `image_generation.partial_image` up to `partial_images` times, then
+    one `image_generation.completed` per image. The generation is cancelled if the client leaves."""
+    results = asyncio.ensure_future(model.results(ticket))
+    common = {"background": "opaque", "quality": "auto", "size": req.size, "output_format": req.output_format}
+    sent = 0
+    try:
+        while not results.done() or not events.empty():
+            if events.empty():
+                waiter = asyncio.ensure_future(events.get())
+                await asyncio.wait({waiter, results}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    waiter.cancel()
+                    continue
+                kind, data = waiter.result()
+            else:
+                kind, data = events.get_nowait()
+            if kind != "progress":
+                continue
+            progress: Progress | None = data[0]
+            if progress is None or progress.preview is None or progress.step >= progress.steps:
+                continue
+            if sent >= req.partial_images:
+                continue
+            for b64 in progress.preview[: req.n]:
+                yield _sse("image_generation.partial_image", {
+                    "type": "image_generation.partial_image", "b64_json": b64, "created_at": int(time.time()),
+                    "partial_image_index": sent, **common, "output_format": "jpeg"})
+            sent += 1
+        try:
+            predictions = results.result()
+        except ServiceError as exc:
+            yield _sse("error", error_body(exc.status, exc.message))
+            return
+        for b64 in predictions[0]["images"]:
+            yield _sse("image_generation.completed", {
+                "type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()),
+                **common})
+    finally:
+        if not results.done():
+            results.cancel()  # the client went away: the ticket leaves its batch at the next tick
+
+
+def _sse(event: str, data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(data, separators=(",", ":")), event=event)
+
+
+def install_openai(app: FastAPI, model: KandinskyModel) -> None:
+    """Add the OpenAI-compatible routes under /openai/v1."""
+    started = int(time.time())
+
+    async def generations(request: Request) -> Response:
+        try:
+            req, instances = parse_request(await request.body(), model)
+            if req.stream:
+                # Queued here, so that a full queue is still a 503 rather than an event.
+                events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+                ticket = model.enqueue(instances, listener=lambda kind, data: events.put_nowait((kind, data)))
+                return EventSourceResponse(
+                    _stream(model, req, ticket, events),
+                    ping=model.settings.keepalive,
+                    ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+                )
+            predictions = await model.generate(instances)
+        except _Problem as problem:
+            return _error_response(problem)
+        except ServiceError as exc:
+            return _error_response(_Problem(exc.status, exc.message), exc.headers())
+        except ModelNotReady:
+            return _error_response(_Problem(503, f"model {model.name} is not ready"), {"Retry-After": "5"})
+        images = predictions[0]["images"]
+        body = ImagesResponse(
+            created=int(time.time()),
+            data=[ImageData(b64_json=b64) for b64 in images],
+            size=req.size,
+            output_format=req.output_format,
+        )
+        return JSONResponse(body.model_dump())
+
+    async def models() -> dict[str, Any]:
+        served = ModelObject(id=model.name, created=started, owned_by="ai-forever")
+        return ModelList(data=[served]).model_dump()
+
+    app.add_api_route(GENERATIONS_PATH, generations, methods=["POST"], tags=["OpenAI"],
+                      summary="Generate images (OpenAI images API)")
+    app.add_api_route(MODELS_PATH, models, methods=["GET"], tags=["OpenAI"], summary="List models (OpenAI)")
+
+
+register_operations({
+    ("POST", GENERATIONS_PATH): Operation(
+        "Generate images (OpenAI images API)",
+        "OpenAI",
+        ImagesResponse,
+        (400, 404, 408, 413, 500, 503, 504),
+        request=ImageGenerationRequest,
+        error_body=OpenAIErrorBody,
+        description=(
+            "For the official `openai` client with `base_url=http://HOST/openai/v1`. `stream: true` answers "
+            "server-sent events: `image_generation.partial_image` (up to `partial_images`, JPEG previews "
+            "with rows not yet sampled grey), then one `image_generation.completed` per image. Errors: "
+            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`."
+        ),
+        ok_media=("text/event-stream",),
+    ),
+    ("GET", MODELS_PATH): Operation("List models (OpenAI)", "OpenAI", ModelList),
+})
