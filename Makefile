@@ -71,6 +71,10 @@ bench-decode-profile: $(VENV)/.installed
 ## bench-gpu: on an H100/H200: ms per decode step at batch 1/8/16/32, fraction of the bandwidth bound
 bench-gpu: $(VENV)/.installed
 	$(PY) bench/gpu_decode.py --out out/gpu_decode
+## bench-preview: what previews cost the other rows of their batch (tiny model, CPU)
+.PHONY: bench-preview
+bench-preview: $(VENV)/.installed $(TINY)/model.json
+	$(PY) bench/preview.py --model_dir $(TINY) --every 4 --runs 3 --out out/bench-preview.json
 bench-load: $(VENV)/.installed
 	$(PY) bench/load.py
 bench-throughput: $(VENV)/.installed
