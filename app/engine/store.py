@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 # Re-exported: callers and tests name them as store.ModelStoreError, store.read_state_dict, ...
-from app.engine.checkpoints import ModelStoreError, check_state_dict, read_state_dict
+from app.engine.checkpoints import (
+    LIGHTNING_METADATA_KEYS,
+    ModelStoreError,
+    check_state_dict,
+    read_state_dict,
+)
 from app.engine.nets.checks import manifest_keys
 from app.engine.nets.dalle import MASK_BUFFERS, DalleConfig, DalleModel, expected_dalle_tensors
 from app.engine.nets.realesrgan import (
@@ -33,8 +38,10 @@ from app.engine.nets.vqgan import (
     DDConfig,
     VQGANConfig,
     VQGANDecoder,
+    VQGANEncoder,
     expected_vqgan_tensors,
     vqgan_decode_tensor_names,
+    vqgan_encode_tensor_names,
 )
 
 if TYPE_CHECKING:
@@ -364,6 +371,54 @@ def _unwrap_vqgan(obj: dict[str, Any], file: Path) -> dict[str, Any]:
     return obj  # a bare state dict (e.g. converted to safetensors)
 
 
+def read_vqgan_state_dict(manifest: Manifest) -> dict[str, Any]:
+    """The VQ-GAN checkpoint's model tensors: the Lightning file's ``state_dict`` (or a bare state dict).
+
+    Training metadata pickled beside it (callbacks, OmegaConf hyper-parameters, ...) is read as inert
+    stand-ins and dropped; a pickled object anywhere in the weights is refused, naming its global.
+    """
+    file = manifest.vqgan_checkpoint
+    return _unwrap_vqgan(read_state_dict(file, metadata_keys=LIGHTNING_METADATA_KEYS), file)
+
+
+VQGANHalf = typing.TypeVar("VQGANHalf", VQGANDecoder, VQGANEncoder)
+
+
+def _load_vqgan_half(
+    manifest: Manifest,
+    half: type[VQGANHalf],
+    needed: set[str],
+    device: str | torch.device,
+    dtype: torch.dtype,
+    what: str,
+) -> VQGANHalf:
+    """Check the whole file (``needed`` must be there, the other model tensors are shape-checked when
+    present, loss/discriminator tensors ignored), then stream ``needed`` into ``half`` built on meta."""
+    started = time.perf_counter()
+    file = manifest.vqgan_checkpoint
+    sd = read_vqgan_state_dict(manifest)
+    expected = expected_tensors(manifest)["vqgan"]
+    check_state_dict(sd, expected, file, optional=set(expected) - needed, ignore_unknown=True)
+    ignored = [k for k in sd if k not in expected]
+    if ignored:
+        log.info("%s: ignoring %d tensors outside the model (e.g. %s)", file, len(ignored), ignored[0])
+    try:
+        with torch.device("meta"):
+            model = half(manifest.vqgan)
+    except ValueError as exc:
+        raise ModelStoreError(f"{manifest.path}: cannot build the {what}: {exc}") from exc
+    names = list(model.state_dict())
+    missing = [n for n in names if n not in sd]
+    if missing:  # the module and its tensor-name function disagree: a bug, but name the tensors
+        raise ModelStoreError(f"{file}: missing tensors needed by the {what}: {', '.join(missing[:10])}")
+    sd = {n: sd[n] for n in names}
+    nbytes = _stream_in(model, sd, names, {"": device}, dtype)
+    _require_loaded(model, file)
+    model.eval()
+    _log_loaded(f"VQ-GAN {what}", file, len(names), nbytes, started, str(device))
+    return model
+
+
 def load_vqgan(manifest: Manifest, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                ) -> VQGANDecoder:
     """Load the VQ-GAN decode path from a taming-transformers checkpoint.
@@ -371,27 +426,22 @@ def load_vqgan(manifest: Manifest, device: str | torch.device = "cpu", dtype: to
     The decode tensors must all be present with the right shapes; the encoder side is shape-checked
     when present; loss/discriminator tensors and other extras are ignored.
     """
-    started = time.perf_counter()
-    file = manifest.vqgan_checkpoint
-    sd = _unwrap_vqgan(read_state_dict(file), file)
-    expected = expected_tensors(manifest)["vqgan"]
     needed = set(vqgan_decode_tensor_names(manifest.vqgan))
-    check_state_dict(sd, expected, file, optional=set(expected) - needed, ignore_unknown=True)
-    ignored = [k for k in sd if k not in expected]
-    if ignored:
-        log.info("%s: ignoring %d tensors outside the model (e.g. %s)", file, len(ignored), ignored[0])
-    with torch.device("meta"):
-        model = VQGANDecoder(manifest.vqgan)
-    names = list(model.state_dict())
-    missing = [n for n in names if n not in sd]
-    if missing:  # VQGANDecoder and vqgan_decode_tensor_names disagree: a bug, but name the tensors
-        raise ModelStoreError(f"{file}: missing tensors needed by the decoder: {', '.join(missing[:10])}")
-    sd = {n: sd[n] for n in names}
-    nbytes = _stream_in(model, sd, names, {"": device}, dtype)
-    _require_loaded(model, file)
-    model.eval()
-    _log_loaded("VQ-GAN decoder", file, len(names), nbytes, started, str(device))
-    return model
+    return _load_vqgan_half(manifest, VQGANDecoder, needed, device, dtype, "decoder")
+
+
+def load_vqgan_encoder(
+    manifest: Manifest, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> VQGANEncoder:
+    """Load the VQ-GAN encode path (image prompts) from the same checkpoint as `load_vqgan`.
+
+    As strict as the decoder: ``encoder.*``, ``quant_conv.*`` and ``quantize.proj.*`` must all be
+    present with the manifest's shapes (errors name the file and the tensor); the decoder side is
+    shape-checked when present. Keep fp32 for codes equal to upstream's: the argmax over code logits
+    can flip between near-equal codes in half precision.
+    """
+    needed = set(vqgan_encode_tensor_names(manifest.vqgan))
+    return _load_vqgan_half(manifest, VQGANEncoder, needed, device, dtype, "encoder")
 
 
 def load_realesrgan(

@@ -101,7 +101,7 @@ TINY_DALLE = {
 }
 TINY_VQGAN_DDCONFIG = {
     "double_z": False,
-    "z_channels": 32,
+    "z_channels": 16,
     "resolution": 256,
     "in_channels": 3,
     "out_ch": 3,
@@ -111,6 +111,8 @@ TINY_VQGAN_DDCONFIG = {
     "attn_resolutions": [32],
     "dropout": 0.0,
 }
+# Equal to z_channels, as in the Sber file (256 and 256): GumbelQuantize's proj reads quant_conv's
+# embed_dim-channel output with z_channels inputs, so only then can the encoder run (image prompts).
 TINY_VQGAN_EMBED_DIM = 16
 TINY_REALESRGAN = {"scale": 4, "num_feat": 8, "num_block": 1, "num_grow_ch": 4}
 TINY_CLIP = {

@@ -1,9 +1,10 @@
-"""Sber VQ-GAN (gumbel, f8): the decode path, 32x32 image tokens -> 256x256 RGB.
+"""Sber VQ-GAN (gumbel, f8): decode (32x32 image tokens -> 256x256 RGB) and encode (RGB -> tokens).
 
 Module and tensor names follow taming-transformers' ``Encoder``/``Decoder`` and ``GumbelVQ`` so the
-published Lightning checkpoint loads unchanged; only the decoder half is built for real. The encoder
-exists here only as a shape description (built on the meta device) so the full tensor manifest of the
-published file can be derived from code.
+published Lightning checkpoint loads unchanged. The two halves are separate modules: `VQGANDecoder`
+(``decoder.*``, ``post_quant_conv.*``, ``quantize.embed.weight``) is what every generation needs;
+`VQGANEncoder` (``encoder.*``, ``quant_conv.*``, ``quantize.proj.*``) is only needed for image prompts
+and is loaded on request.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ __all__ = [
     "VQGANConfig",
     "VQGAN_PRESETS",
     "VQGANDecoder",
+    "VQGANEncoder",
     "expected_vqgan_tensors",
     "vqgan_decode_tensor_names",
+    "vqgan_encode_tensor_names",
 ]
 
 _GROUPS = 32  # taming's Normalize(): GroupNorm(32, C, eps=1e-6, affine=True)
@@ -75,9 +78,14 @@ class DDConfig:
             )
 
     @property
+    def downsample_factor(self) -> int:
+        """Pixels per image token along each side (8 for f8)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
     def latent_size(self) -> int:
         """Side of the token grid (32 for f8 at 256x256)."""
-        return self.resolution // 2 ** (len(self.ch_mult) - 1)
+        return self.resolution // self.downsample_factor
 
     @classmethod
     def from_manifest(cls, block: Mapping[str, Any]) -> DDConfig:
@@ -225,11 +233,14 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class _Downsample(nn.Module):
-    # Encoder only (shape description): stride-2 conv after asymmetric zero padding in taming.
+class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = _conv3(channels, channels, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H/2, W/2]
+        # taming pads one zero row/column at the bottom/right only (torch's conv pads symmetrically).
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
 
 
 class _Mid(nn.Module):
@@ -246,6 +257,7 @@ class _Mid(nn.Module):
 class _Level(nn.Module):
     # One resolution level: ``block``/``attn`` lists plus an optional ``upsample``/``downsample``.
     upsample: nn.Module
+    downsample: nn.Module
 
     def __init__(self) -> None:
         super().__init__()
@@ -296,9 +308,13 @@ class Decoder(nn.Module):
         return self.conv_out(_swish(self.norm_out(h)))
 
 
-class _EncoderShapes(nn.Module):
-    """taming's ``Encoder`` parameters only (no forward): decoding never runs it, but the manifest
-    of the published file lists its tensors."""
+class Encoder(nn.Module):
+    """taming's ``Encoder`` (``resamp_with_conv=True``, no timestep embedding).
+
+    x [B, in_channels, H, W] -> z [B, z_channels (x2 if double_z), H / 2**(levels-1), W / 2**(levels-1)].
+    Attention levels are chosen from ``resolution`` at build time, as in taming, so a band cropped from
+    the image (smaller H) goes through the same blocks.
+    """
 
     def __init__(self, dd: DDConfig) -> None:
         super().__init__()
@@ -318,30 +334,48 @@ class _EncoderShapes(nn.Module):
                 if curr_res in dd.attn_resolutions:
                     level.attn.append(AttnBlock(block_in))
             if i_level != levels - 1:
-                level.downsample = _Downsample(block_in)
+                level.downsample = Downsample(block_in)
                 curr_res //= 2
             self.down.append(level)
         self.mid = _Mid(block_in)
         self.norm_out = _norm(block_in)
         self.conv_out = _conv3(block_in, 2 * dd.z_channels if dd.double_z else dd.z_channels)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        last = len(self.down) - 1
+        for i_level, module in enumerate(self.down):
+            level = cast(_Level, module)
+            for i_block, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[i_block](h)
+            if i_level != last:
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(_swish(self.norm_out(h)))
+
 
 class _Quantize(nn.Module):
-    # GumbelQuantize's tensors; ``proj`` (encoder side) only when describing the whole file.
-    def __init__(self, cfg: VQGANConfig, with_proj: bool) -> None:
+    # GumbelQuantize's tensors: ``proj`` is the encoder side (features -> code logits), ``embed`` the
+    # decoder side (the codebook). Each half of the model holds only its own.
+    def __init__(self, cfg: VQGANConfig, *, with_proj: bool, with_embed: bool) -> None:
         super().__init__()
         if with_proj:
+            # GumbelQuantize(num_hiddens=z_channels, ...): it reads quant_conv's output, which has
+            # embed_dim channels, so encoding works only where the two are equal (256 in the Sber file).
             self.proj = _conv1(cfg.ddconfig.z_channels, cfg.n_embed)
-        self.embed = nn.Embedding(cfg.n_embed, cfg.embed_dim)
+        if with_embed:
+            self.embed = nn.Embedding(cfg.n_embed, cfg.embed_dim)
 
 
 class _GumbelVQShapes(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
         dd = cfg.ddconfig
-        self.encoder = _EncoderShapes(dd)
+        self.encoder = Encoder(dd)
         self.decoder = Decoder(dd)
-        self.quantize = _Quantize(cfg, with_proj=True)
+        self.quantize = _Quantize(cfg, with_proj=True, with_embed=True)
         self.quant_conv = _conv1(dd.z_channels, cfg.embed_dim)
         self.post_quant_conv = _conv1(cfg.embed_dim, dd.z_channels)
 
@@ -358,6 +392,16 @@ def vqgan_decode_tensor_names(cfg: VQGANConfig) -> set[str]:
     with torch.device("meta"):
         model = VQGANDecoder(cfg)
     return set(model.state_dict())
+
+
+def vqgan_encode_tensor_names(cfg: VQGANConfig) -> set[str]:
+    """The tensors encoding needs: ``encoder.*``, ``quant_conv.*`` and ``quantize.proj.*``.
+
+    Taken from the whole model's names (not from `VQGANEncoder`, which refuses configurations it
+    cannot run), so a checkpoint can be checked against any manifest.
+    """
+    prefixes = ("encoder.", "quant_conv.", "quantize.proj.")
+    return {k for k in expected_vqgan_tensors(cfg) if k.startswith(prefixes)}
 
 
 #: Images per pass of `VQGANDecoder.decode` unless told otherwise.
@@ -378,7 +422,7 @@ class VQGANDecoder(nn.Module):
         self.chunk = positive_int(chunk, "chunk")
         self.decoder = Decoder(cfg.ddconfig)
         self.post_quant_conv = _conv1(cfg.embed_dim, cfg.ddconfig.z_channels)
-        self.quantize = _Quantize(cfg, with_proj=False)
+        self.quantize = _Quantize(cfg, with_proj=False, with_embed=True)
 
     def _check_codes(self, codes: torch.Tensor) -> int:
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
@@ -425,3 +469,59 @@ class VQGANDecoder(nn.Module):
         # Same float32 op order as upstream: (clamp + 1) * 0.5, then to_pil_image's x * 255 truncated.
         img = (x.float().clamp(-1.0, 1.0) + 1) * 0.5
         return (img * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+class VQGANEncoder(nn.Module):
+    """RGB -> image tokens, as ruDALL-E's ``GumbelVQ.encode(x, disable_gumbel_softmax=True)``:
+    ``encoder`` -> ``quant_conv`` -> ``quantize.proj`` -> argmax over the codes (no Gumbel noise).
+
+    Its ``state_dict`` names are exactly :func:`vqgan_encode_tensor_names`. Pixels come in as upstream
+    feeds them, scaled to [-1, 1] (``2 * x - 1`` of [0, 1] values); see `app.engine.image_prompt`.
+    """
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        if cfg.embed_dim != cfg.ddconfig.z_channels:
+            raise ValueError(
+                f"vqgan.embed_dim ({cfg.embed_dim}) must equal vqgan.ddconfig.z_channels "
+                f"({cfg.ddconfig.z_channels}) to encode: quantize.proj reads quant_conv's output"
+            )
+        if cfg.ddconfig.double_z:
+            # quant_conv takes z_channels inputs, a double_z encoder gives twice that (a KL model).
+            raise ValueError("vqgan.ddconfig.double_z must be false to encode (a VQ model, not a KL one)")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.ddconfig)
+        self.quant_conv = _conv1(cfg.ddconfig.z_channels, cfg.embed_dim)
+        self.quantize = _Quantize(cfg, with_proj=True, with_embed=False)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per token along each side (8 for f8)."""
+        return self.cfg.ddconfig.downsample_factor
+
+    def _check_pixels(self, x: torch.Tensor) -> None:
+        dd = self.cfg.ddconfig
+        f = self.downsample_factor
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != dd.in_channels:
+            got = getattr(x, "shape", x)
+            raise ValueError(f"pixels must be a tensor [batch, {dd.in_channels}, H, W], got {got!r}")
+        if not x.is_floating_point():
+            raise ValueError(f"pixels must be floating point in [-1, 1], got {x.dtype}")
+        h, w = x.shape[2], x.shape[3]
+        if h == 0 or w == 0 or h % f or w % f:
+            raise ValueError(f"pixels: {h}x{w} is not a non-empty multiple of {f} pixels per token")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_channels, H, W] in [-1, 1] -> code logits [B, n_embed, H/f, W/f]."""
+        return self.quantize.proj(self.quant_conv(self.encoder(x)))
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in_channels, H, W] in [-1, 1] -> codes LongTensor [B, H/f, W/f] on the CPU.
+
+        The pixels are moved to the module's device and dtype first; in fp32 the codes equal upstream's.
+        """
+        self._check_pixels(x)
+        weight = self.encoder.conv_in.weight
+        logits = self(x.to(weight.device, weight.dtype))  # [B, n_embed, H/f, W/f]
+        return logits.argmax(dim=1).cpu()
