@@ -200,3 +200,38 @@ def test_generate_cli_rejects_a_bad_param_naming_it(
     assert code == 2
     assert "top_p" in capsys.readouterr().err
     assert not (tmp_path / "result.json").exists()
+
+
+def test_progress_reports_each_job_per_image_row_with_previews_only_where_asked(pipeline: Pipeline) -> None:
+    seen: list[list] = []
+    previewed = Job("кот", replace(FAST, images_to_gen=2, preview_every=8))
+    plain = Job("собака", replace(FAST, images_to_gen=1, seed=12))
+    results = pipeline.run([previewed, plain], on_step=lambda progress: seen.append(list(progress)))
+
+    assert len(seen) == 32  # one tick per image row of the 32x32 grid
+    assert [p.step for p, _ in seen] == [32 * (k + 1) for k in range(32)]
+    assert all(p.steps == 1024 and q.step == p.step for p, q in seen)
+    assert all(q.preview is None for _, q in seen)
+    rows = [k + 1 for k, (p, _) in enumerate(seen) if p.preview is not None]
+    assert rows == [8, 16, 24, 32]
+    first = [np.asarray(_image(b).convert("RGB")).astype(int) for b in seen[7][0].preview]
+    assert len(first) == 2 and first[0].shape == (256, 256, 3)
+    assert np.abs(first[0][8 * 8 + 4 :] - 128).max() <= 6  # rows not sampled yet: grey
+    # The last preview is the finished grid: the images the job returns, before ranking and JPEG.
+    final = [np.asarray(_image(b).convert("RGB")).astype(int) for b in seen[-1][0].preview]
+    assert min(px[64:].std() for px in final) > 20
+    assert isinstance(results[0], JobResult) and isinstance(results[1], JobResult)
+
+
+def test_a_job_stopped_from_the_progress_callback_ends_as_none_and_its_partner_finishes(
+    pipeline: Pipeline,
+) -> None:
+    mine = Job("кот", FAST)
+    (alone,) = pipeline.run([mine])
+
+    def stop_the_first(progress: list) -> list[int]:
+        return [0] if progress[0] is not None and progress[0].step >= 64 else []
+
+    stopped, kept = pipeline.run([Job("собака", replace(FAST, seed=5)), mine], on_step=stop_the_first)
+    assert stopped is None
+    assert isinstance(kept, JobResult) and kept.codes == alone.codes
