@@ -29,7 +29,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt scripts/install.sh
 	touch $@
 
 tiny: $(TINY)/model.json
-$(TINY)/model.json: | $(VENV)/.installed
+$(TINY)/model.json: app/tools/tiny.py | $(VENV)/.installed
 	$(PY) -m app.tools.tiny $(TINY)
 
 lint: $(VENV)/.installed

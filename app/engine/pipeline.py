@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from app.engine import placement, store
+from app.engine.image_prompt import decode_image, prompt_codes
 from app.engine.jobs import Job, JobFailed, JobResult, OnProgress, Outcome, Progress
 from app.engine.nets.clip import ClipRanker
 from app.engine.nets.dalle import DalleModel
@@ -33,8 +34,8 @@ from app.engine.nets.decoding import (
     Tick,
 )
 from app.engine.nets.realesrgan import RRDBNet, upscale_batch
-from app.engine.nets.vqgan import VQGANDecoder
-from app.engine.params import FORMATS, STAGES
+from app.engine.nets.vqgan import VQGANDecoder, VQGANEncoder
+from app.engine.params import FORMATS, MAX_IMAGE_PROMPT_PIXELS, STAGES, ImagePrompt
 from app.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Pipeline:
         clip: ClipRanker,
         plan: placement.PlacementPlan,
         dtype: torch.dtype,
+        vqgan_encoder: VQGANEncoder | None = None,
     ) -> None:
         self.manifest = manifest
         self.tokenizer = tokenizer
@@ -108,6 +110,7 @@ class Pipeline:
         self.dtype = dtype
         self.main_device = torch.device(plan.main_device)
         self.image_vocab_size = manifest.dalle.image_vocab_size
+        self.vqgan_encoder = vqgan_encoder  # image prompts; None: a pipeline that cannot take them
 
     @property
     def max_batch_images(self) -> int:
@@ -145,11 +148,14 @@ class Pipeline:
         # The decoders are small next to the transformer: keep them in fp32, as upstream runs them, so
         # pixels match the reference exactly (bf16 VQ-GAN decoding is off by up to 9 levels).
         vqgan = store.load_vqgan(manifest, main, torch.float32)
+        # fp32 too: in half precision the argmax over codes can flip between two near-equal codes.
+        vqgan_encoder = store.load_vqgan_encoder(manifest, main, torch.float32)
         realesrgan = store.load_realesrgan(manifest, main, torch.float32)
         clip = store.load_clip(manifest, main, torch.float32)
         tokenizer = store.load_tokenizer(manifest)
         log.info("model %s loaded in %.1f s", manifest.name, time.perf_counter() - t0)
-        return cls(manifest, tokenizer, dalle, decoder, vqgan, realesrgan, clip, plan, torch_dtype)
+        return cls(manifest, tokenizer, dalle, decoder, vqgan, realesrgan, clip, plan, torch_dtype,
+                   vqgan_encoder=vqgan_encoder)
 
     # ---- the batch path -------------------------------------------------------------------------
 
@@ -249,7 +255,17 @@ class Pipeline:
             num_images=p.images_to_gen,
             sampling=SamplingParams(top_k=p.top_k, top_p=p.top_p, temperature=p.temperature),
             seed=p.seed,
+            forced=None if p.image_prompt is None else self.prompt_codes(p.image_prompt),
         )
+
+    def prompt_codes(self, prompt: ImagePrompt) -> torch.Tensor:
+        """The image prompt's forced codes [image_seq_length] long (-1 where sampled), as upstream's
+        ImagePrompts computes them from the VQ-GAN encoder of the same checkpoint."""
+        if self.vqgan_encoder is None:
+            raise RuntimeError("this pipeline was built without the VQ-GAN encoder")
+        image = decode_image(prompt.image, MAX_IMAGE_PROMPT_PIXELS)
+        per_dim = self.manifest.dalle.image_tokens_per_dim
+        return prompt_codes(self.vqgan_encoder, image, prompt.borders, prompt.crop_first, per_dim)
 
     def _generate_splitting_on_oom(
         self, requests: list[GenerationRequest], on_step: OnStep | None

@@ -10,7 +10,9 @@ from typing import Any
 
 import kserve
 from kserve.errors import ModelNotReady
+from kserve.protocol.infer_type import InferRequest, InferResponse
 
+from app.serving import v2
 from app.serving.card import build_card
 from app.serving.errors import (
     GenerationFailed,
@@ -25,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class KandinskyModel(kserve.Model):
-    """ruDALL-E Kandinsky behind the KServe v1 predict protocol."""
+    """ruDALL-E Kandinsky behind KServe's v1 predict and v2 (Open Inference Protocol) infer, REST and gRPC."""
 
     def __init__(self, name: str, settings: ServerSettings | None = None) -> None:
         super().__init__(name)
@@ -50,7 +52,8 @@ class KandinskyModel(kserve.Model):
         """Serve an already loaded pipeline (load() calls this; tests reuse one pipeline across apps)."""
         s = self.settings
         self.pipeline = pipeline
-        self.schema = Schema(Limits(s.max_images_per_request, int(pipeline.image_vocab_size)))
+        self.schema = Schema(Limits(s.max_images_per_request, int(pipeline.image_vocab_size),
+                                    int(pipeline.manifest.dalle.image_tokens_per_dim)))
         self.scheduler = Scheduler(
             pipeline, queue_size=s.queue_size, max_batch_images=pipeline.max_batch_images
         )
@@ -96,8 +99,13 @@ class KandinskyModel(kserve.Model):
         payload: Any,
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Validate the instances, queue them as one ticket, and answer every instance in order."""
+    ) -> dict[str, Any] | InferResponse:
+        """Validate the instances, queue them as one ticket, and answer every instance in order.
+
+        A v1 body gets the v1 answer; a v2 `InferRequest` (REST infer or gRPC ModelInfer) the v2 one.
+        """
+        if isinstance(payload, InferRequest):
+            return await v2.infer(self, payload)
         instances = self.parse(payload)
         predictions = await self.generate(instances)
         if len(predictions) == 1:
@@ -150,6 +158,14 @@ class KandinskyModel(kserve.Model):
         if self.scheduler is None or self.schema is None:
             raise ModelNotReady(self.name)
 
+    def get_input_types(self) -> list[dict[str, Any]]:
+        """The v2 inputs (name, datatype, shape) for KServe's model metadata, REST and gRPC."""
+        return v2.input_metadata()
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        """The v2 outputs (name, datatype, shape) for KServe's model metadata, REST and gRPC."""
+        return v2.output_metadata()
+
     def card(self) -> dict[str, Any]:
         if self.pipeline is None or self.schema is None:
             raise ModelNotReady(self.name)
@@ -159,9 +175,15 @@ class KandinskyModel(kserve.Model):
 
 def _jobs(instances: list[Any]) -> list[Any]:
     from app.engine.jobs import Job
-    from app.engine.params import GenerationParams
+    from app.engine.params import GenerationParams, ImagePrompt
 
-    return [Job(inst.query, GenerationParams(**inst.params.model_dump())) for inst in instances]
+    jobs = []
+    for inst in instances:
+        params = inst.params.model_dump()
+        if params.get("image_prompt") is not None:
+            params["image_prompt"] = ImagePrompt(**params["image_prompt"])
+        jobs.append(Job(inst.query, GenerationParams(**params)))
+    return jobs
 
 
 def _prediction(result: Any, queue_seconds: float) -> dict[str, Any]:

@@ -41,6 +41,8 @@ from app.engine.params import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     FORMATS,
+    MAX_BORDER,
+    MAX_IMAGE_PROMPT_PIXELS,
     MAX_PREVIEW_EVERY,
     MAX_TEMPERATURE,
     SEED_MAX,
@@ -75,9 +77,10 @@ class Limits:
 
     max_images_per_request: int = ServerSettings.max_images_per_request
     image_vocab_size: int = 8192
+    image_tokens_per_dim: int = 32
 
     def __post_init__(self) -> None:
-        if self.max_images_per_request < 1 or self.image_vocab_size < 1:
+        if self.max_images_per_request < 1 or self.image_vocab_size < 1 or self.image_tokens_per_dim < 2:
             raise ValueError(f"limits must be positive, got {self}")
 
     @property
@@ -133,6 +136,51 @@ def _undocumented_default(schema: dict[str, Any]) -> None:
 
 def _random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
+
+
+class Borders(BaseModel):
+    """Bands of the image prompt to keep, in image tokens of 8 pixels."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    up: int = Field(default=0, ge=0, le=MAX_BORDER, description="Token rows kept at the top.")
+    down: int = Field(default=0, ge=0, le=MAX_BORDER, description="Token rows kept at the bottom.")
+    left: int = Field(default=0, ge=0, le=MAX_BORDER, description="Token columns kept on the left.")
+    right: int = Field(default=0, ge=0, le=MAX_BORDER, description="Token columns kept on the right.")
+
+
+class ImagePromptIn(BaseModel):
+    """Keep bands of a given image and generate the rest (ruDALL-E's image completion)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", title="ImagePrompt")
+
+    image: str = Field(
+        description=(
+            "A base64 PNG, JPEG or WebP (a data: URL prefix is accepted), at most "
+            f"{MAX_IMAGE_PROMPT_PIXELS} pixels; converted to RGB and resized to 256x256 (bicubic)."
+        ),
+    )
+    borders: Borders = Field(
+        description="At least one side above 0, together leaving at least one position to generate."
+    )
+    crop_first: bool = Field(
+        default=False, description="Encode each band from its own crop of the image, as upstream does."
+    )
+
+    @model_validator(mode="after")
+    def _usable(self, info: ValidationInfo) -> ImagePromptIn:
+        # Imported here: it brings torch, which the server loads only after its flags are checked.
+        from app.engine.image_prompt import ImagePromptError, check_borders, decode_image
+
+        try:
+            check_borders(self.borders.model_dump(), _limits(info).image_tokens_per_dim)
+            decode_image(self.image, MAX_IMAGE_PROMPT_PIXELS)
+        except ImagePromptError as exc:
+            # `field` is relative to params ("image_prompt.borders.left"); the location has image_prompt.
+            field = exc.field.removeprefix("image_prompt.")
+            ctx = {"field": field, "reason": exc.reason}
+            raise PydanticCustomError("image_prompt", "{reason}", ctx) from None
+        return self
 
 
 class GenerationParams(BaseModel):
@@ -198,6 +246,9 @@ class GenerationParams(BaseModel):
             f"(0: none, 1..{MAX_PREVIEW_EVERY}); "
             "sent as `preview` events by jobs and streams, ignored by predict."
         ),
+    )
+    image_prompt: ImagePromptIn | None = Field(
+        default=None, description="Complete a given image: keep its borders, generate the rest (section 9)."
     )
 
     @model_validator(mode="before")
@@ -402,7 +453,7 @@ class Schema:
             problem += f" ({_BOUND_REASONS[field]})"
         if kind == "extra_forbidden":
             return f"{where}: {problem}"
-        if field in self.allowed:
+        if field in self.allowed and kind != "image_prompt":  # image-prompt reasons say what is allowed
             return f"{where}: {problem}; allowed: {self.allowed[field]}"
         return f"{where}: {problem}"
 

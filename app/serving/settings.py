@@ -37,7 +37,8 @@ class ServerSettings:
     max_images_per_request: int = _flag(16, "Images per request, all instances.")
     queue_size: int = _flag(32, "Requests that may wait; beyond: 503.")
     request_timeout: float = _flag(600.0, "Server deadline per request in seconds (504).")
-    max_body_bytes: int = _flag(1 << 20, "Request body limit (413).")
+    # An image prompt travels as base64 in the body: 8 MiB holds a 6 MB photo.
+    max_body_bytes: int = _flag(8 << 20, "Request body limit (413).")
     body_timeout: float = _flag(30.0, "Seconds for a request body to arrive (408).")
     job_ttl: float = _flag(3600.0, "Seconds a finished job is kept for polling.")
     max_jobs: int = _flag(256, "Finished jobs kept at most; the oldest are dropped first.")

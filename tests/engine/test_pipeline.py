@@ -235,3 +235,33 @@ def test_a_job_stopped_from_the_progress_callback_ends_as_none_and_its_partner_f
     stopped, kept = pipeline.run([Job("собака", replace(FAST, seed=5)), mine], on_step=stop_the_first)
     assert stopped is None
     assert isinstance(kept, JobResult) and kept.codes == alone.codes
+
+
+def _prompt_image_b64() -> str:
+    rng = np.random.default_rng(7)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((300, 200, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("crop_first", [False, True])
+def test_image_prompt_keeps_its_encoded_bands_and_batches_with_plain_jobs(
+    pipeline: Pipeline, crop_first: bool
+) -> None:
+    from app.engine.image_prompt import decode_image, prompt_codes
+    from app.engine.params import ImagePrompt
+
+    prompt = ImagePrompt(_prompt_image_b64(), {"up": 4, "down": 0, "left": 2, "right": 0}, crop_first)
+    job = Job("кот", replace(FAST, images_to_gen=2, image_prompt=prompt))
+    image = decode_image(prompt.image, 10**6)
+    forced = prompt_codes(pipeline.vqgan_encoder, image, prompt.borders, crop_first, 32)
+    assert int((forced >= 0).sum()) == 4 * 32 + 28 * 2  # 4 rows, then 2 columns of the 28 rows below
+
+    (alone,) = pipeline.run([job])
+    plain = Job("собака", replace(FAST, seed=3))
+    batched = pipeline.run([plain, job])
+    (plain_alone,) = pipeline.run([plain])
+    for codes in alone.codes:
+        assert torch.equal(torch.tensor(codes)[forced >= 0], forced[forced >= 0])
+    assert batched[1].codes == alone.codes and batched[1].images == alone.images
+    assert batched[0].codes == plain_alone.codes  # the plain job is undisturbed by its partner's prompt

@@ -224,3 +224,48 @@ def test_params_json_schema_shows_bounds_and_defaults():
     assert props["format"]["enum"] == ["jpeg", "png", "webp"]
     assert "default" not in props["seed"]  # random per request: documented, not a fixed value
     assert "min(4, images_to_gen)" in props["images_to_cherry_pick"]["description"]
+
+
+# ---- image prompts (SPEC section 9) ------------------------------------------------------------------
+
+
+def png_b64(width: int = 40, height: int = 30) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_prompt_is_accepted_with_missing_sides_as_zero():
+    (inst,) = SCHEMA.parse(one({"image_prompt": {"image": png_b64(), "borders": {"up": 4, "left": 2}}}))
+    prompt = inst.params.image_prompt
+    assert prompt.borders.model_dump() == {"up": 4, "down": 0, "left": 2, "right": 0}
+    assert prompt.crop_first is False
+
+
+@pytest.mark.parametrize(
+    ("prompt", "field", "needle"),
+    [
+        ({"image": "not base64!", "borders": {"up": 4}}, "image_prompt.image", "base64"),
+        ({"image": "aGVsbG8gd29ybGQ=", "borders": {"up": 4}}, "image_prompt.image", "not an image"),
+        ({"image": png_b64(2049, 2048), "borders": {"up": 4}}, "image_prompt.image", "more than the limit"),
+        ({"image": png_b64(), "borders": {"up": 33}}, "image_prompt.borders.up", "<= 32"),
+        ({"image": png_b64(), "borders": {"left": -1}}, "image_prompt.borders.left", ">= 0"),
+        ({"image": png_b64(), "borders": {"up": True}}, "image_prompt.borders.up", "must be an integer"),
+        ({"image": png_b64(), "borders": {}}, "image_prompt.borders", "at least one"),
+        ({"image": png_b64(), "borders": {"left": 16, "right": 16}}, "image_prompt.borders", "no position"),
+        ({"image": png_b64(), "borders": {"top": 4}}, "image_prompt.borders.top", "unknown key"),
+        ({"image": png_b64()}, "image_prompt.borders", "is required"),
+        ({"borders": {"up": 4}}, "image_prompt.image", "is required"),
+        ({"image": png_b64(), "borders": {"up": 4}, "crop_first": 1}, "image_prompt.crop_first", "true or false"),
+        ("a picture", "image_prompt", "must be an object"),
+    ],
+)
+def test_bad_image_prompt_is_400_naming_its_field(prompt, field, needle):
+    message = error_of(one({"image_prompt": prompt}))
+    assert message.startswith(f"instances[0].params.{field}: "), message
+    assert needle in message
