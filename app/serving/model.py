@@ -20,7 +20,7 @@ from app.serving.errors import (
     ShuttingDown,
 )
 from app.serving.scheduler import Listener, Scheduler, Ticket
-from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings
+from app.serving.schema import TIMING_KEYS, Limits, Prediction, Schema, Timings, generation_params
 from app.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -175,15 +175,8 @@ class KandinskyModel(kserve.Model):
 
 def _jobs(instances: list[Any]) -> list[Any]:
     from app.engine.jobs import Job
-    from app.engine.params import GenerationParams, ImagePrompt
 
-    jobs = []
-    for inst in instances:
-        params = inst.params.model_dump()
-        if params.get("image_prompt") is not None:
-            params["image_prompt"] = ImagePrompt(**params["image_prompt"])
-        jobs.append(Job(inst.query, GenerationParams(**params)))
-    return jobs
+    return [Job(inst.query, generation_params(inst)) for inst in instances]
 
 
 def _prediction(result: Any, queue_seconds: float) -> dict[str, Any]:

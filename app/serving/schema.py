@@ -47,7 +47,9 @@ from app.engine.params import (
     MAX_TEMPERATURE,
     SEED_MAX,
     STAGES,
+    ImagePrompt,
 )
+from app.engine.params import GenerationParams as EngineParams
 from app.serving.errors import RequestInvalid
 from app.serving.settings import ServerSettings
 
@@ -311,6 +313,14 @@ class Instance(BaseModel):
                 {"max": MAX_QUERY_CHARS, "got": len(text)},
             )
         return text
+
+
+def generation_params(instance: Instance) -> EngineParams:
+    """A validated instance's params as the engine's plain `GenerationParams`."""
+    params = instance.params.model_dump()
+    if params.get("image_prompt") is not None:
+        params["image_prompt"] = ImagePrompt(**params["image_prompt"])
+    return EngineParams(**params)
 
 
 def _instances_schema(schema: dict[str, Any]) -> None:

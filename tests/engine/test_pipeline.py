@@ -265,3 +265,46 @@ def test_image_prompt_keeps_its_encoded_bands_and_batches_with_plain_jobs(
         assert torch.equal(torch.tensor(codes)[forced >= 0], forced[forced >= 0])
     assert batched[1].codes == alone.codes and batched[1].images == alone.images
     assert batched[0].codes == plain_alone.codes  # the plain job is undisturbed by its partner's prompt
+
+
+def test_generate_cli_completes_an_image_prompt_keeping_its_bands(
+    pipeline: Pipeline, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from app.engine.image_prompt import decode_image, prompt_codes
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(base64.b64decode(_prompt_image_b64()))
+    out = tmp_path / "out"
+    code = generate.main([
+        "--model_dir", str(tiny_model_dir), "--query", "кот", "--out", str(out), "--images_to_gen", "1",
+        "--images_to_cherry_pick", "1", "--no-super_res", "--seed", "5", "--top_k", "64",
+        "--image_prompt", str(photo), "--borders", "up=3,right=5", "--crop_first",
+    ])
+    assert code == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["params"]["image_prompt"] == {"borders": {"up": 3, "down": 0, "left": 0, "right": 5},
+                                                "crop_first": True}
+    borders = {"up": 3, "right": 5}
+    image = decode_image(_prompt_image_b64(), 10**6)
+    forced = prompt_codes(pipeline.vqgan_encoder, image, borders, True, 32)
+    codes = torch.tensor(result["codes"][0])
+    assert torch.equal(codes[forced >= 0], forced[forced >= 0])
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--borders", "up=4"], "--borders and --crop_first need --image_prompt"),
+        (["--image_prompt", "missing.png", "--borders", "up=4"], "cannot read"),
+        (["--image_prompt", "PHOTO", "--borders", "up=40"], "image_prompt.borders.up"),
+    ],
+)
+def test_generate_cli_rejects_bad_image_prompt_arguments(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(base64.b64decode(_prompt_image_b64()))
+    args = [str(photo) if a == "PHOTO" else a for a in args]
+    base = ["--model_dir", str(tiny_model_dir), "--query", "кот", "--out", str(tmp_path)]
+    code = generate.main([*base, *args])
+    assert code == 2 and needle in capsys.readouterr().err
