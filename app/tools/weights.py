@@ -241,12 +241,13 @@ def _checkpoint_check(
     path: Path,
     expected: Mapping[str, tuple[int, ...]],
     unwrap: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+    metadata_keys: frozenset[str] = frozenset(),
     **kwargs: Any,
 ) -> Callable[[], None]:
     from app.engine.checkpoints import check_state_dict, read_state_dict
 
     def run() -> None:
-        obj = read_state_dict(path, mmap=True)
+        obj = read_state_dict(path, mmap=True, metadata_keys=metadata_keys)
         sd = unwrap(obj) if unwrap is not None else obj
         check_state_dict(sd, expected, path, **kwargs)
 
@@ -274,10 +275,11 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
     names and shapes as the manifest implies (memory-mapped, nothing is loaded onto a device), and
     optionally each file's sha256 against `sha256` (relative path -> hex digest). Collects every problem.
     """
+    from app.engine.checkpoints import LIGHTNING_METADATA_KEYS
     from app.engine.nets.clip import expected_clip_tensors, read_clip_config
     from app.engine.nets.dalle import MASK_BUFFERS
     from app.engine.nets.realesrgan import unwrap_realesrgan_state_dict
-    from app.engine.nets.vqgan import vqgan_decode_tensor_names
+    from app.engine.nets.vqgan import vqgan_decode_tensor_names, vqgan_encode_tensor_names
     from app.engine.store import (
         ModelStoreError,
         expected_tensors,
@@ -305,7 +307,7 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
     missing_set = set(missing)
 
     expected = expected_tensors(manifest)
-    vq_needed = set(vqgan_decode_tensor_names(manifest.vqgan))
+    vq_needed = {*vqgan_decode_tensor_names(manifest.vqgan), *vqgan_encode_tensor_names(manifest.vqgan)}
     shapes = "tensors and shapes"
     checks: list[tuple[Path, str, Callable[[], None]]] = [
         (
@@ -316,10 +318,11 @@ def verify(model_dir: str | os.PathLike[str], *, sha256: Mapping[str, str] | Non
         (
             manifest.vqgan_checkpoint,
             shapes,
-            # Lightning checkpoints also hold loss/discriminator tensors; only the model's are checked,
-            # and of those only the decode path is required (the encoder is never run).
+            # Lightning checkpoints also hold loss/discriminator tensors and pickled training metadata
+            # (read as inert stand-ins); the model's encode and decode tensors are required.
             _checkpoint_check(
                 manifest.vqgan_checkpoint, expected["vqgan"], unwrap=_unwrap_lightning,
+                metadata_keys=LIGHTNING_METADATA_KEYS,
                 optional=set(expected["vqgan"]) - vq_needed, ignore_unknown=True,
             ),
         ),
