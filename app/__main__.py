@@ -33,7 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve ruDALL-E Kandinsky (or any ruDALL-E model directory) with KServe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.set_defaults(model_name="kandinsky")
+    from app.serving.v2 import GRPC_MESSAGE_BYTES
+
+    # KServe's 8 MiB gRPC limit is less than sixteen upscaled PNGs; the flags still override it.
+    parser.set_defaults(
+        model_name="kandinsky",
+        grpc_max_send_message_length=GRPC_MESSAGE_BYTES,
+        grpc_max_receive_message_length=GRPC_MESSAGE_BYTES,
+    )
     for setting in dataclasses.fields(ServerSettings):
         options: dict[str, Any] = {"default": setting.default, **setting.metadata}  # help, choices
         if not isinstance(setting.default, str):
@@ -97,6 +104,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for flag, value in positive.items():
         if not value > 0:
             raise SettingsError(f"{flag}: must be > 0, got {value}")
+    for flag in ("grpc_max_send_message_length", "grpc_max_receive_message_length"):
+        value = getattr(args, flag)
+        if not (value > 0 or value == -1):
+            raise SettingsError(f"--{flag}: must be > 0 bytes (or -1: no limit), got {value}")
     if args.max_batch_images < 0:
         got = args.max_batch_images
         raise SettingsError(f"--max_batch_images: must be >= 0 (0 = derive from memory), got {got}")
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from kserve import model_server
 
     from app.engine.store import ModelStoreError
+    from app.serving.v2 import add_grpc_server
 
     model = KandinskyModel(args.model_name, settings)
     try:
@@ -138,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         max_asyncio_workers=args.max_asyncio_workers,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
-        enable_grpc=args.enable_grpc,
+        # ours instead (add_grpc_server below): the same protocol, with message limits and metrics
+        enable_grpc=False,
         enable_docs_url=True,
         enable_latency_logging=args.enable_latency_logging,
         access_log_format=args.access_log_format,
@@ -150,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     # The repository extension would let any client unload or reload the one model this process serves
     # (REST and gRPC alike); the locked one refuses, and the REST routes are not served at all.
     server.model_repository_extension = LockedRepository(server.registered_models)
+    if args.enable_grpc:
+        add_grpc_server(
+            server,
+            port=args.grpc_port,
+            max_threads=args.max_threads,
+            max_send_bytes=args.grpc_max_send_message_length,
+            max_receive_bytes=args.grpc_max_receive_message_length,
+        )
     configure_app(model_server.app, model)
     server.start([model])
     log.info("server stopped")

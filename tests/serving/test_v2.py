@@ -1,0 +1,415 @@
+"""Open Inference Protocol (KServe v2) over REST, through the real server process and real clients.
+
+One server (tiny model) serves the module. One v1 predict is the reference: every v2 client (plain JSON
+over httpx as curl sends it, KServe's `InferenceRESTClient`, Triton's `tritonclient.http` with the binary
+data extension) must get the same image files and CLIP scores for the same seeds. Everything else here
+(metadata, readiness, client errors, the API document) costs no generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import struct
+import threading
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from app.serving.model import KandinskyModel, ServerSettings
+from app.serving.v2 import rest_body_problem
+from tests.serving.test_e2e import free_port, start_server, wait_ready
+
+NAME = "kandinsky"
+INFER = f"/v2/models/{NAME}/infer"
+
+# The reference request: two instances with their own query, seed and image counts, and two inputs of
+# shape [1] that apply to both. PNG, so the same pixels are the same bytes.
+QUERIES = ["кот в шляпе", "собака"]
+SEEDS = [11, 12]
+COUNTS = [2, 1]
+TOP_P = 0.9  # 0.9 is not a float32: an FP32 input must still mean the v1 value
+V1_BODY = {
+    "instances": [
+        {"query": q, "params": {"images_to_gen": n, "images_to_cherry_pick": n, "super_res": False,
+                                "seed": s, "format": "png", "top_p": TOP_P}}
+        for q, s, n in zip(QUERIES, SEEDS, COUNTS)
+    ]
+}
+#: name -> (datatype, elements): the reference as v2 inputs.
+V2_INPUTS: dict[str, tuple[str, list[Any]]] = {
+    "query": ("BYTES", QUERIES),
+    "seed": ("INT64", SEEDS),
+    "images_to_gen": ("INT32", COUNTS),
+    "images_to_cherry_pick": ("INT64", COUNTS),
+    "super_res": ("BOOL", [False]),
+    "format": ("BYTES", ["png"]),
+    "top_p": ("FP64", [TOP_P]),
+}
+OUTPUT_NAMES = ["images", "clip_scores", "ppl", "instance", "seed"]
+INPUT_TYPES = {
+    "query": "BYTES", "images_to_gen": "INT32", "images_to_cherry_pick": "INT32", "top_k": "INT32",
+    "top_p": "FP32", "temperature": "FP32", "super_res": "BOOL", "seed": "INT64", "format": "BYTES",
+}
+OUTPUT_TYPES = {"images": "BYTES", "clip_scores": "FP32", "ppl": "FP32", "instance": "INT32", "seed": "INT64"}
+
+
+def json_inputs(inputs: dict[str, tuple[str, list[Any]]] = V2_INPUTS) -> list[dict[str, Any]]:
+    return [{"name": n, "datatype": dt, "shape": [len(v)], "data": v} for n, (dt, v) in inputs.items()]
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def assert_same_as_v1(reference: dict[str, Any], images: list[bytes], clip_scores: Any, ppl: Any = None,
+                      instance: Any = None, seed: Any = None) -> None:
+    """The v2 outputs hold v1's images (same files, same pixels) and scores, instance by instance."""
+    expected = [base64.b64decode(b) for p in reference["predictions"] for b in p["images"]]
+    assert len(images) == len(expected) == sum(COUNTS)
+    for got, want in zip(images, expected):
+        assert np.array_equal(pixels(got), pixels(want))
+        assert got == want
+    scores = [s for p in reference["predictions"] for s in p["clip_scores"]]
+    assert np.allclose(np.asarray(clip_scores, dtype=np.float64), scores, rtol=1e-6, atol=1e-7)
+    if ppl is not None:
+        want_ppl = [v for p in reference["predictions"] for v in p["ppl"]]
+        assert np.allclose(np.asarray(ppl, dtype=np.float64), want_ppl, rtol=1e-6)
+    if instance is not None:
+        assert list(instance) == [i for i, n in enumerate(COUNTS) for _ in range(n)]
+    if seed is not None:
+        assert list(seed) == SEEDS
+
+
+def metric(base: str, name: str, labels: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model_dir):
+    port = free_port()
+    proc = start_server([
+        "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
+        "--grpc_port", str(free_port()),
+    ])
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()  # from the start: a full pipe must never block the server
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/{NAME}")
+        yield {"base": f"http://127.0.0.1:{port}", "hostport": f"127.0.0.1:{port}", "lines": lines}
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def reference(srv) -> dict[str, Any]:
+    r = httpx.post(f"{srv['base']}/v1/models/{NAME}:predict", json=V1_BODY, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ---- the same images as v1, through every client -----------------------------------------------------
+
+
+def test_plain_json_infer_gives_v1_images_and_scores_base64(srv, reference):
+    r = httpx.post(f"{srv['base']}{INFER}", json={"id": "ref-1", "inputs": json_inputs()}, timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "ref-1" and body["model_name"] == NAME
+    outputs = {o["name"]: o for o in body["outputs"]}
+    assert list(outputs) == OUTPUT_NAMES
+    for name, out in outputs.items():
+        assert out["datatype"] == OUTPUT_TYPES[name]
+        assert out["shape"] == [len(SEEDS) if name == "seed" else sum(COUNTS)]
+    assert_same_as_v1(
+        reference, [base64.b64decode(s) for s in outputs["images"]["data"]], outputs["clip_scores"]["data"],
+        outputs["ppl"]["data"], outputs["instance"]["data"], outputs["seed"]["data"],
+    )
+
+
+def test_kserve_rest_client_v2_gives_v1_images_and_scores(srv, reference):
+    async def infer() -> Any:
+        client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=300))
+        try:
+            inputs = [InferInput(n, [len(v)], dt, list(v)) for n, (dt, v) in V2_INPUTS.items()]
+            return await client.infer(srv["base"], InferRequest(NAME, inputs), model_name=NAME)
+        finally:
+            await client.close()
+
+    result = asyncio.run(infer())
+    out = {o.name: o for o in result.outputs}
+    assert list(out) == OUTPUT_NAMES
+    assert_same_as_v1(
+        reference, [base64.b64decode(s) for s in out["images"].data], out["clip_scores"].data,
+        out["ppl"].data, out["instance"].data, out["seed"].data,
+    )
+
+
+def test_tritonclient_http_binary_data_gives_the_raw_image_files(srv, reference):
+    client = triton_http.InferenceServerClient(srv["hostport"], network_timeout=300, connection_timeout=300)
+    arrays = {
+        "query": np.array([q.encode() for q in QUERIES], dtype=object),
+        "seed": np.array(SEEDS, dtype=np.uint64),
+        "images_to_gen": np.array(COUNTS, dtype=np.int64),
+        "images_to_cherry_pick": np.array(COUNTS, dtype=np.int32),
+        "super_res": np.array([False]),
+        "format": np.array([b"png"], dtype=object),
+        "top_p": np.array([TOP_P], dtype=np.float32),
+    }
+    inputs = []
+    for name, array in arrays.items():
+        tensor = triton_http.InferInput(name, list(array.shape), triton_http.np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)  # binary, after the JSON
+        inputs.append(tensor)
+    result = client.infer(NAME, inputs)  # no outputs named: tritonclient asks binary_data_output
+    response = result.get_response()
+    assert [o["name"] for o in response["outputs"]] == OUTPUT_NAMES
+    assert all("binary_data_size" in o["parameters"] for o in response["outputs"])
+    assert_same_as_v1(
+        reference, list(result.as_numpy("images")), result.as_numpy("clip_scores"), result.as_numpy("ppl"),
+        result.as_numpy("instance"), result.as_numpy("seed"),
+    )
+
+
+def test_named_outputs_come_alone_in_order_each_binary_or_json_as_asked(srv, reference):
+    header = json.dumps({
+        "inputs": json_inputs(),
+        "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "seed", "parameters": {"binary_data": False}}, {"name": "images"}],
+    }).encode()
+    r = httpx.post(f"{srv['base']}{INFER}", content=header, timeout=300,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    json_length = int(r.headers["inference-header-content-length"])
+    doc = json.loads(r.content[:json_length])
+    seed, images = doc["outputs"]
+    assert [seed["name"], images["name"]] == ["seed", "images"]
+    assert seed["data"] == SEEDS and "data" not in images
+    raw = r.content[json_length:]
+    assert len(raw) == images["parameters"]["binary_data_size"]
+    files, offset = [], 0
+    while offset < len(raw):  # the binary data extension's BYTES: a 4-byte length before each element
+        (size,) = struct.unpack_from("<I", raw, offset)
+        files.append(raw[offset + 4: offset + 4 + size])
+        offset += 4 + size
+    clip_scores = [s for p in reference["predictions"] for s in p["clip_scores"]]
+    assert_same_as_v1(reference, files, clip_scores)
+
+
+# ---- metadata and readiness ----------------------------------------------------------------------------
+
+
+def test_model_metadata_lists_every_input_and_output_with_datatype_and_shape(srv):
+    body = httpx.get(f"{srv['base']}/v2/models/{NAME}", timeout=10).json()
+    assert {i["name"]: i["datatype"] for i in body["inputs"]} == INPUT_TYPES
+    assert {o["name"]: o["datatype"] for o in body["outputs"]} == OUTPUT_TYPES
+    assert all(t["shape"] == [-1] for t in body["inputs"] + body["outputs"])
+    triton = triton_http.InferenceServerClient(srv["hostport"]).get_model_metadata(NAME)
+    assert [i["name"] for i in triton["inputs"]] == list(INPUT_TYPES)
+
+
+def test_model_is_ready_once_loaded(srv):
+    r = httpx.get(f"{srv['base']}/v2/models/{NAME}/ready", timeout=10)
+    assert r.status_code == 200 and r.json() == {"name": NAME, "ready": True}
+    assert triton_http.InferenceServerClient(srv["hostport"]).is_model_ready(NAME) is True
+
+
+async def test_a_model_not_loaded_is_not_ready_and_infer_answers_503_without_loading_it(monkeypatch):
+    from tests.serving.test_http import build_app, client
+
+    model = KandinskyModel(NAME, ServerSettings())
+    monkeypatch.setattr(model, "load", lambda: pytest.fail("v2 infer must not load the model"))
+    async with client(build_app(model)) as c:
+        assert (await c.get(f"/v2/models/{NAME}/ready")).status_code == 503
+        r = await c.post(INFER, json={"inputs": json_inputs()})
+        assert r.status_code == 503 and "not ready" in r.json()["error"]
+        meta = await c.get(f"/v2/models/{NAME}")
+        assert meta.status_code == 200 and len(meta.json()["inputs"]) == len(INPUT_TYPES)
+
+
+# ---- client errors: 400 naming the input, 404 for another model ------------------------------------------
+
+
+def q(*queries: str) -> dict[str, Any]:
+    return {"name": "query", "datatype": "BYTES", "shape": [len(queries)], "data": list(queries)}
+
+
+def tensor(name: str, datatype: str, data: list[Any], shape: list[int] | None = None) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape or [len(data)], "data": data}
+
+
+BAD_INPUTS = [
+    ([tensor("seed", "INT64", [1])], "inputs.query: is required"),
+    ([q("кот"), tensor("top_k", "FP32", [8.0])], "inputs.top_k: datatype FP32 is not accepted"),
+    ([q("кот"), tensor("top_k", "INT32", [8, 9])], "inputs.top_k: shape [2] for 1 instance"),
+    ([q("a", "b", "c"), tensor("seed", "INT64", [1, 2])], "inputs.seed: shape [2] for 3 instance"),
+    ([q("кот"), tensor("top_k", "INT32", [100000])], "inputs.top_k: must be <= 64"),
+    ([q("a", "b"), tensor("top_k", "INT32", [5, 100000])], "inputs.top_k[1]: must be <= 64"),
+    ([q("кот"), tensor("top_p", "FP64", [1.5])], "inputs.top_p: must be <= 1"),
+    ([q("кот"), tensor("temperature", "FP32", [0.0])], "inputs.temperature: must be > 0"),
+    ([q("кот"), tensor("seed", "UINT64", [2**64 - 1])], "inputs.seed: must be <= 9223372036854775807"),
+    ([q("кот"), tensor("images_to_gen", "INT32", [True])], "inputs.images_to_gen: must be an integer"),
+    ([q("кот"), tensor("images_to_gen", "INT32", [1.5])], "inputs.images_to_gen: must be an integer"),
+    ([q("кот"), tensor("super_res", "BOOL", ["yes"])], "inputs.super_res: must be true or false"),
+    ([q("кот"), tensor("format", "BYTES", ["gif"])], "inputs.format: must be one of"),
+    ([q("   ")], "inputs.query: must not be empty"),
+    ([q("a", "b", "c")], "inputs.images_to_gen: asks for 24 images in all"),
+    ([q(*["a"] * 17)], "inputs.query: 17 instances"),
+    ([q("кот"), tensor("images_to_gen", "INT32", [1]), tensor("images_to_cherry_pick", "INT32", [2])],
+     "inputs.images_to_cherry_pick: must be <= images_to_gen"),
+    ([q("кот"), tensor("steps", "INT32", [1])], "inputs.steps: unknown input"),
+    ([q("кот"), tensor("preview_every", "INT32", [1])], "inputs.preview_every: not a v2 input"),
+    ([q("кот"), q("пёс")], "inputs.query: given twice"),
+    ([q("кот"), tensor("top_k", "INT32", [8], [1, 1])], "inputs.top_k: shape [1, 1] is not accepted"),
+    ([q("кот"), tensor("top_k", "INT32", [8, 9], [1])], "inputs.top_k: shape [1] but 2 element(s)"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "needle"), BAD_INPUTS, ids=[f"{i}-{n.split(':')[0]}" for i, (_, n) in
+                                                                 enumerate(BAD_INPUTS)])
+def test_bad_input_is_a_400_naming_the_input(srv, inputs, needle):
+    r = httpx.post(f"{srv['base']}{INFER}", json={"inputs": inputs}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]
+
+
+def test_nan_is_a_400_naming_the_input(srv):
+    body = json.dumps({"inputs": [q("кот"), tensor("top_p", "FP64", [float("nan")])]})  # NaN: not strict JSON
+    r = httpx.post(f"{srv['base']}{INFER}", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"].startswith("inputs.top_p: must be a finite number")
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"outputs": [{"name": "latents"}]}, "outputs.latents: unknown output"),
+    ({"outputs": [{"name": "seed"}, {"name": "seed"}]}, "outputs.seed: requested twice"),
+    ({"outputs": [{"name": "images", "parameters": {"binary_data": "yes"}}]},
+     "outputs.images.parameters.binary_data: must be true or false"),
+    ({"parameters": {"binary_data_output": 1}}, "parameters.binary_data_output: must be true or false"),
+])
+def test_bad_output_request_is_a_400_naming_it(srv, extra, needle):
+    r = httpx.post(f"{srv['base']}{INFER}", json={"inputs": [q("кот")], **extra}, timeout=30)
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+def test_tritonclient_http_gets_the_400_naming_the_input(srv):
+    client = triton_http.InferenceServerClient(srv["hostport"])
+    query = triton_http.InferInput("query", [1], "BYTES")
+    query.set_data_from_numpy(np.array(["кот".encode()], dtype=object))
+    top_k = triton_http.InferInput("top_k", [1], "INT32")
+    top_k.set_data_from_numpy(np.array([0], dtype=np.int32))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer(NAME, [query, top_k])
+    assert err.value.status() == "400" and err.value.message().startswith("inputs.top_k: must be >= 1")
+
+
+def test_client_errors_are_counted_as_v2_400(srv):
+    before = metric(srv["base"], "kandinsky_requests_total", '{code="400",protocol="v2"}')
+    httpx.post(f"{srv['base']}{INFER}", json={"inputs": [q("")]}, timeout=30)
+    assert metric(srv["base"], "kandinsky_requests_total", '{code="400",protocol="v2"}') == before + 1
+
+
+def test_unknown_model_is_a_404(srv):
+    r = httpx.post(f"{srv['base']}/v2/models/nope/infer", json={"inputs": [q("кот")]}, timeout=30)
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+    client = triton_http.InferenceServerClient(srv["hostport"])
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("nope", [triton_http.InferInput("query", [1], "BYTES")])
+    assert err.value.status() == "404"
+
+
+def test_infer_is_documented_with_its_request_body_and_both_answers(srv):
+    doc = httpx.get(f"{srv['base']}/openapi.json", timeout=30).json()
+    post = doc["paths"]["/v2/models/{model_name}/infer"]["post"]
+    assert set(post["responses"]) == {"200", "400", "404", "408", "413", "500", "503", "504"}
+    assert set(post["responses"]["200"]["content"]) == {"application/json", "application/octet-stream"}
+    body = doc["components"]["schemas"][post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                                         .rsplit("/", 1)[1]]
+    example = body["examples"][0]
+    assert {i["name"] for i in example["inputs"]} <= set(INPUT_TYPES)
+    assert "query" in body["description"]
+
+
+# ---- malformed bodies: what KServe's decoding would answer with 422 or 500 ---------------------------------
+
+
+def binary_body(header: dict[str, Any], *raw: bytes) -> tuple[bytes, dict[str, str]]:
+    text = json.dumps(header).encode()
+    return text + b"".join(raw), {"inference-header-content-length": str(len(text))}
+
+
+def bytes_tensor(*items: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def binary_query(raw: bytes, size: int | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": "query", "datatype": "BYTES", "shape": [1],
+            "parameters": {"binary_data_size": len(raw) if size is None else size}, **extra}
+
+
+MALFORMED = [
+    (b'{"inputs": [{"name": "query"}]}', {}, "inputs[0].shape: Field required"),
+    (b'{"inputs": 5}', {}, "inputs: Input should be a valid list"),
+    (b'{"inputs": [', {}, "body: not valid JSON"),
+    (*binary_body({"inputs": [binary_query(bytes_tensor(b"\xff"))]}, bytes_tensor(b"\xff")),
+     "inputs[0]: binary BYTES element 0 is not valid UTF-8"),
+    (*binary_body({"inputs": [{"shape": [1], "datatype": "BYTES"}]}), "inputs[0].name: is required"),
+    (*binary_body({"inputs": [binary_query(b"", size=50)]}, bytes_tensor(b"cat")),
+     "inputs[0].parameters.binary_data_size: 50 bytes but 7 remain"),
+    (*binary_body({"inputs": [{"name": "seed", "datatype": "INT64", "shape": [1],
+                               "parameters": {"binary_data_size": 3}}]}, b"abc"),
+     "inputs[0]: 3 bytes of binary data; shape [1] of INT64 needs 8"),
+    (*binary_body({"inputs": [binary_query(bytes_tensor(b"a", b"b"))]}, bytes_tensor(b"a", b"b")),
+     "inputs[0]: 2 BYTES element(s) in the binary data; shape [1] needs 1"),
+    (*binary_body({"parameters": {}}), "inputs: is required"),
+    (b'{"inputs": []}', {"inference-header-content-length": "99"},
+     "inference-header-content-length: must be"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "needle"), MALFORMED)
+def test_rest_body_problem_names_the_place(body, headers, needle):
+    problem = rest_body_problem(body, headers)
+    assert problem is not None and needle in problem
+
+
+def test_rest_body_problem_passes_what_kserve_decodes():
+    ok_json = json.dumps({"inputs": json_inputs(), "outputs": [{"name": "images"}]}).encode()
+    assert rest_body_problem(ok_json, {}) is None
+    raw = bytes_tensor("кот".encode())
+    body, headers = binary_body(
+        {"inputs": [binary_query(raw), {"name": "seed", "datatype": "INT64", "shape": [1], "data": [3]}],
+         "parameters": {"binary_data_output": True}},
+        raw,
+    )
+    assert rest_body_problem(body, headers) is None
+
+
+def test_a_json_body_that_is_not_a_v2_request_is_a_400_naming_the_place(srv):
+    r = httpx.post(f"{srv['base']}{INFER}", content=b'{"inputs": [{"name": "query"}]}', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "inputs[0].shape: Field required" in r.json()["error"], r.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="until app/serving/http.py's middleware answers v2 infer bodies with v2.rest_body_problem (400)",
+)
+# (not the short buffer: KServe reads what there is today, so that case would cost a generation)
+@pytest.mark.parametrize(("body", "headers", "needle"), [m for m in MALFORMED[3:] if b"50" not in m[0]])
+def test_malformed_binary_bodies_are_a_400_naming_the_place_not_a_500(srv, body, headers, needle):
+    r = httpx.post(f"{srv['base']}{INFER}", content=body, timeout=30,
+                   headers={"content-type": "application/octet-stream", **headers})
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
