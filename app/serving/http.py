@@ -164,6 +164,14 @@ class ServiceMiddleware:
             if problem is not None:
                 await _error(send, 400, problem)
                 return
+        elif protocol_of(scope["method"], scope["path"]) == "v2":
+            from app.serving.v2 import rest_body_problem
+
+            # KServe would answer a malformed v2 body with FastAPI's 422, or a 500 from its decoding.
+            problem = rest_body_problem(body, _lower_headers(scope))
+            if problem is not None:
+                await _error(send, 400, problem)
+                return
         await self._run_watching_disconnect(scope, body, receive, send, status)
 
     async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
@@ -291,6 +299,10 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+def _lower_headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
 
 
 def _content_length(scope: Scope) -> int | None:

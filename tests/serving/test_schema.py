@@ -261,7 +261,8 @@ def test_image_prompt_is_accepted_with_missing_sides_as_zero():
         ({"image": png_b64(), "borders": {"top": 4}}, "image_prompt.borders.top", "unknown key"),
         ({"image": png_b64()}, "image_prompt.borders", "is required"),
         ({"borders": {"up": 4}}, "image_prompt.image", "is required"),
-        ({"image": png_b64(), "borders": {"up": 4}, "crop_first": 1}, "image_prompt.crop_first", "true or false"),
+        ({"image": png_b64(), "borders": {"up": 4}, "crop_first": 1}, "image_prompt.crop_first",
+         "true or false"),
         ("a picture", "image_prompt", "must be an object"),
     ],
 )

@@ -403,12 +403,7 @@ def test_a_json_body_that_is_not_a_v2_request_is_a_400_naming_the_place(srv):
     assert r.status_code == 400 and "inputs[0].shape: Field required" in r.json()["error"], r.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until app/serving/http.py's middleware answers v2 infer bodies with v2.rest_body_problem (400)",
-)
-# (not the short buffer: KServe reads what there is today, so that case would cost a generation)
-@pytest.mark.parametrize(("body", "headers", "needle"), [m for m in MALFORMED[3:] if b"50" not in m[0]])
+@pytest.mark.parametrize(("body", "headers", "needle"), MALFORMED[3:])
 def test_malformed_binary_bodies_are_a_400_naming_the_place_not_a_500(srv, body, headers, needle):
     r = httpx.post(f"{srv['base']}{INFER}", content=body, timeout=30,
                    headers={"content-type": "application/octet-stream", **headers})
