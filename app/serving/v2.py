@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import math
 import re
@@ -97,7 +98,14 @@ INPUTS = (
     Tensor("super_res", ("BOOL",)),
     Tensor("seed", ("INT64", "UINT64")),
     Tensor("format", ("BYTES",)),
+    # An image prompt (SPEC section 9): the image file's bytes (base64 text in REST JSON), its borders as
+    # JSON text ({"up": 4, "left": 2}) and crop_first; v1's params.image_prompt in three tensors.
+    Tensor("image_prompt", ("BYTES",)),
+    Tensor("borders", ("BYTES",)),
+    Tensor("crop_first", ("BOOL",)),
 )
+#: The inputs that together make v1's params.image_prompt.
+_IMAGE_PROMPT_INPUTS = ("image_prompt", "borders", "crop_first")
 OUTPUTS = (
     Tensor("images", ("BYTES",)),
     Tensor("clip_scores", ("FP32",)),
@@ -195,9 +203,20 @@ def _v1_payload(request: InferRequest) -> tuple[dict[str, Any], set[str]]:
     if problems:
         raise RequestInvalid("; ".join(problems))
 
+    prompt_given = [name for name in _IMAGE_PROMPT_INPUTS if name in values]
+    if prompt_given and "image_prompt" not in values:
+        raise RequestInvalid(f"inputs.{prompt_given[0]}: needs the image_prompt input (the image file)")
+    if "image_prompt" in values and "borders" not in values:
+        raise RequestInvalid('inputs.borders: is required with image_prompt (JSON text such as {"up": 4})')
     instances = []
     for i, query in enumerate(values["query"]):
-        params = {name: vals[i % len(vals)] for name, vals in values.items() if name != "query"}
+        params = {name: vals[i % len(vals)] for name, vals in values.items()
+                  if name != "query" and name not in _IMAGE_PROMPT_INPUTS}
+        if "image_prompt" in values:
+            params["image_prompt"] = {
+                name.replace("image_prompt", "image"): vals[i % len(vals)]
+                for name, vals in values.items() if name in _IMAGE_PROMPT_INPUTS
+            }
         instances.append({"query": query, "params": params})
     return {"instances": instances}, {name for name, vals in values.items() if n > 1 and len(vals) == n}
 
@@ -226,6 +245,12 @@ def _values(inp: InferInput, spec: Tensor) -> list[Any]:
             raise _InputProblem(f"its data do not hold shape {shape} of {datatype}") from None
     if len(values) != shape[0]:
         raise _InputProblem(f"shape {shape} but {len(values)} element(s)")
+    if spec.name == "image_prompt":
+        # Raw file bytes (binary data, gRPC) travel on as base64, as v1 carries them; JSON has base64 text.
+        return [base64.b64encode(bytes(v)).decode("ascii") if isinstance(v, bytes | bytearray) else v
+                for v in values]
+    if spec.name == "borders":
+        return [_json_object(_text(v, i), i) for i, v in enumerate(values)]
     if datatype == "BYTES":
         return [_text(v, i) for i, v in enumerate(values)]
     if datatype == "FP32":
@@ -242,6 +267,15 @@ def _text(value: Any, index: int) -> Any:
     return value  # a str from JSON, or a wrong type the schema names
 
 
+def _json_object(value: Any, index: int) -> Any:
+    if not isinstance(value, str):
+        return value  # the schema names the wrong type
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise _InputProblem('not JSON text such as {"up": 4, "left": 2}', f"[{index}]") from None
+
+
 def _from_fp32(value: Any) -> Any:
     # An FP32 element arrives widened (0.975 as 0.9750000238...): take the decimal the client wrote, so
     # top_p and temperature mean the same as in a v1 request.
@@ -254,6 +288,8 @@ def _from_fp32(value: Any) -> Any:
 
 _INSTANCE_LOC = re.compile(r"instances\[(\d+)\](?:\.params)?(?:\.(\w+))?")
 _ALLOWED_INSTANCES = re.compile(r"; allowed: a list of [^;]*")
+_PROMPT_PART = re.compile(r"inputs\.image_prompt(\[\d+\])?\.(borders|crop_first)")
+_PROMPT_IMAGE = re.compile(r"inputs\.image_prompt(\[\d+\])?\.image\b")
 _ERROR_START = re.compile(r"; (?=inputs\.|\.\.\. and )")
 
 
@@ -268,6 +304,9 @@ def _v2_message(message: str, indexed: set[str]) -> str:
         return f"inputs.{field}[{match.group(1)}]" if field in indexed else f"inputs.{field}"
 
     text = _INSTANCE_LOC.sub(name, message)
+    # params.image_prompt is three inputs here: its image, borders and crop_first.
+    text = _PROMPT_PART.sub(lambda m: f"inputs.{m.group(2)}{m.group(1) or ''}", text)
+    text = _PROMPT_IMAGE.sub(lambda m: f"inputs.image_prompt{m.group(1) or ''}", text)
     # The only request-wide rule: the images of all instances together.
     text = _ALLOWED_INSTANCES.sub("", text).replace("instances: asks for", "inputs.images_to_gen: asks for")
     return "; ".join(dict.fromkeys(_ERROR_START.split(text)))
@@ -409,6 +448,9 @@ def _binary_body_problem(doc: Any, binary: memoryview) -> str | None:
         if offset + size > len(binary):
             return f"{where}.parameters.binary_data_size: {size} bytes but {len(binary) - offset} remain"
         problem = _raw_problem(binary[offset : offset + size], inp["datatype"].upper(), shape)
+        if problem is not None and inp["name"] == "image_prompt" and "UTF-8" in problem:
+            # KServe's REST decoding takes BYTES elements as UTF-8 text only (gRPC takes raw bytes).
+            problem += ": over REST send the image file as base64 text; gRPC takes its raw bytes"
         if problem is not None:
             return f"{where}: {problem}"
         offset += size

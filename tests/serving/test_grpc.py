@@ -326,3 +326,31 @@ async def test_interceptor_counts_ok_and_the_status_an_abort_set():
     err = await infer_through_interceptor(FixedServicer(10, grpc.StatusCode.INVALID_ARGUMENT), 500)
     assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (counted("OK"), counted("INVALID_ARGUMENT")) == (ok + 1, invalid + 1)
+
+
+def test_image_prompt_as_raw_file_bytes_gives_the_v1_image_prompt_images(srv):
+    from tests.serving.test_v2 import PROMPT_BORDERS, prompt_png
+
+    png = prompt_png()
+    params = {"images_to_gen": 1, "images_to_cherry_pick": 1, "super_res": False, "seed": 23, "format": "png",
+              "image_prompt": {"image": base64.b64encode(png).decode(), "borders": PROMPT_BORDERS}}
+    v1 = httpx.post(f"{srv['base']}/v1/models/{NAME}:predict", timeout=300,
+                    json={"instances": [{"query": "кот", "params": params}]})
+    assert v1.status_code == 200, v1.text
+
+    async def infer() -> Any:
+        client = InferenceGRPCClient(srv["grpc"], timeout=300)
+        try:
+            inputs = [InferInput("query", [1], "BYTES", ["кот"]), InferInput("seed", [1], "INT64", [23]),
+                      InferInput("images_to_gen", [1], "INT32", [1]),
+                      InferInput("super_res", [1], "BOOL", [False]),
+                      InferInput("format", [1], "BYTES", ["png"]),
+                      InferInput("image_prompt", [1], "BYTES", [png]),
+                      InferInput("borders", [1], "BYTES", [json.dumps(PROMPT_BORDERS)])]
+            return await client.infer(InferRequest(NAME, inputs))
+        finally:
+            await client.close()
+
+    result = asyncio.run(infer())
+    images = next(o for o in result.outputs if o.name == "images").as_numpy()
+    assert images[0] == base64.b64decode(v1.json()["images"][0])

@@ -59,6 +59,7 @@ OUTPUT_NAMES = ["images", "clip_scores", "ppl", "instance", "seed"]
 INPUT_TYPES = {
     "query": "BYTES", "images_to_gen": "INT32", "images_to_cherry_pick": "INT32", "top_k": "INT32",
     "top_p": "FP32", "temperature": "FP32", "super_res": "BOOL", "seed": "INT64", "format": "BYTES",
+    "image_prompt": "BYTES", "borders": "BYTES", "crop_first": "BOOL",
 }
 OUTPUT_TYPES = {"images": "BYTES", "clip_scores": "FP32", "ppl": "FP32", "instance": "INT32", "seed": "INT64"}
 
@@ -407,4 +408,84 @@ def test_a_json_body_that_is_not_a_v2_request_is_a_400_naming_the_place(srv):
 def test_malformed_binary_bodies_are_a_400_naming_the_place_not_a_500(srv, body, headers, needle):
     r = httpx.post(f"{srv['base']}{INFER}", content=body, timeout=30,
                    headers={"content-type": "application/octet-stream", **headers})
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+# ---- image prompts (SPEC section 9): the image file, its borders as JSON text, crop_first ---------------
+
+
+def prompt_png() -> bytes:
+    rng = np.random.default_rng(5)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((120, 90, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PROMPT_BORDERS = {"up": 3, "right": 4}
+
+
+def test_image_prompt_inputs_give_the_v1_image_prompt_images_json_and_binary(srv):
+    base = srv["base"]
+    png = prompt_png()
+    params = {"images_to_gen": 1, "images_to_cherry_pick": 1, "super_res": False, "seed": 21, "format": "png",
+              "image_prompt": {"image": base64.b64encode(png).decode(), "borders": PROMPT_BORDERS,
+                               "crop_first": True}}
+    v1 = httpx.post(f"{base}/v1/models/{NAME}:predict", timeout=300,
+                    json={"instances": [{"query": "кот", "params": params}]})
+    assert v1.status_code == 200, v1.text
+    want = base64.b64decode(v1.json()["images"][0])
+    # Plain JSON: the image as base64 text.
+    inputs = {"query": ("BYTES", ["кот"]), "seed": ("INT64", [21]), "images_to_gen": ("INT32", [1]),
+              "super_res": ("BOOL", [False]), "format": ("BYTES", ["png"]),
+              "image_prompt": ("BYTES", [base64.b64encode(png).decode()]),
+              "borders": ("BYTES", [json.dumps(PROMPT_BORDERS)]), "crop_first": ("BOOL", [True])}
+    r = httpx.post(base + INFER, json={"inputs": json_inputs(inputs)}, timeout=300)
+    assert r.status_code == 200, r.text
+    images = next(o for o in r.json()["outputs"] if o["name"] == "images")["data"]
+    assert base64.b64decode(images[0]) == want
+    # tritonclient.http with the binary data extension: base64 text (KServe's REST decoding reads BYTES
+    # elements as UTF-8; raw file bytes are refused with a 400 saying so, and gRPC takes them).
+    client = triton_http.InferenceServerClient(base.removeprefix("http://"), network_timeout=300)
+    tensors = []
+    for name, datatype, array in [
+        ("query", "BYTES", np.array(["кот".encode()], dtype=object)),
+        ("seed", "INT64", np.array([21], dtype=np.int64)),
+        ("images_to_gen", "INT32", np.array([1], dtype=np.int32)),
+        ("super_res", "BOOL", np.array([False])),
+        ("format", "BYTES", np.array([b"png"], dtype=object)),
+        ("image_prompt", "BYTES", np.array([base64.b64encode(png)], dtype=object)),
+        ("borders", "BYTES", np.array([json.dumps(PROMPT_BORDERS).encode()], dtype=object)),
+        ("crop_first", "BOOL", np.array([True])),
+    ]:
+        t = triton_http.InferInput(name, list(array.shape), datatype)
+        t.set_data_from_numpy(array)
+        tensors.append(t)
+    wanted = [triton_http.InferRequestedOutput("images", binary_data=True)]
+    result = client.infer(NAME, tensors, outputs=wanted)
+    assert result.as_numpy("images")[0] == want
+    raw = triton_http.InferInput("image_prompt", [1], "BYTES")
+    raw.set_data_from_numpy(np.array([png], dtype=object))
+    with pytest.raises(InferenceServerException, match="over REST send the image file as base64 text"):
+        client.infer(NAME, [*tensors[:5], raw, *tensors[6:]])
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"borders": ("BYTES", ['{"up": 40}'])}, "inputs.borders.up: must be <= 32"),
+        ({"borders": ("BYTES", ["up=4"])}, "inputs.borders[0]: not JSON text"),
+        ({"borders": ("BYTES", ["{}"])}, "inputs.borders: at least one of up, down, left, right"),
+        ({"image_prompt": ("BYTES", ["aGVsbG8="])}, "inputs.image_prompt: is not an image"),
+        ({"crop_first": ("BOOL", [True]), "image_prompt": None, "borders": None},
+         "inputs.crop_first: needs the image_prompt"),
+        ({"borders": None}, "inputs.borders: is required with image_prompt"),
+    ],
+)
+def test_bad_image_prompt_inputs_are_400_naming_the_input(srv, extra, needle):
+    png64 = base64.b64encode(prompt_png()).decode()
+    inputs: dict[str, Any] = {"query": ("BYTES", ["кот"]), "image_prompt": ("BYTES", [png64]),
+                              "borders": ("BYTES", ['{"up": 4}'])}
+    inputs.update(extra)
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    r = httpx.post(srv["base"] + INFER, json={"inputs": json_inputs(inputs)}, timeout=30)
     assert r.status_code == 400 and needle in r.json()["error"], r.text
