@@ -164,7 +164,7 @@ class ServiceMiddleware:
             if problem is not None:
                 await _error(send, 400, problem)
                 return
-        elif protocol_of(scope["method"], scope["path"]) == "v2":
+        elif protocol_of(scope["method"], scope["path"]) == "v2" and _model_in_path(scope) == self.model.name:
             from app.serving.v2 import rest_body_problem
 
             # KServe would answer a malformed v2 body with FastAPI's 422, or a 500 from its decoding.
@@ -299,6 +299,12 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return bytes(value)
     return None
+
+
+def _model_in_path(scope: Scope) -> str:
+    """The model name in a `/v2/models/NAME/...` path (another model gets KServe's 404)."""
+    parts = scope["path"].split("/")
+    return parts[3] if len(parts) > 3 else ""
 
 
 def _lower_headers(scope: Scope) -> dict[str, str]:

@@ -400,7 +400,12 @@ def _json_body_problem(body: bytes) -> str | None:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return f"body: not valid JSON ({exc})"
+        try:
+            # NaN, Infinity and integers beyond 64 bits: Python's parser reads them, and infer() names
+            # the input they are in, as v1 names the field.
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            return f"body: not valid JSON ({exc})"
     try:
         InferenceRequest.model_validate(doc)
     except ValidationError as exc:

@@ -71,9 +71,10 @@ def test_given_values_are_kept_and_floats_accept_ints():
         "seed": SEED_MAX,
         "format": "webp",
         "super_res": False,
+        "preview_every": 4,
     }
     (inst,) = SCHEMA.parse(one(params))
-    assert inst.params.model_dump() == {**params, "top_p": 1.0, "temperature": 10.0}
+    assert inst.params.model_dump() == {**params, "top_p": 1.0, "temperature": 10.0, "image_prompt": None}
     assert isinstance(inst.params.top_p, float)
 
 
