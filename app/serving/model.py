@@ -41,6 +41,10 @@ class KandinskyModel(kserve.Model):
         """Load every component, start the GPU worker, and only then report ready."""
         from app.engine.pipeline import Pipeline  # torch and the networks load here, not at import
 
+        if self.pipeline is not None:
+            # Loaded already: KServe calls load() again on a model that is not ready (while draining);
+            # a second copy of the weights would not fit beside the first.
+            return self.ready
         s = self.settings
         self.pipeline = Pipeline.load(
             s.model_dir, device=s.device, dtype=s.dtype, max_batch_images=s.max_batch_images or None
