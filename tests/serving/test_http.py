@@ -478,3 +478,16 @@ async def test_request_that_cannot_finish_by_the_deadline_is_504(pipeline, scena
     model.stop()
     assert r.status_code == 504
     assert "deadline" in r.json()["error"]
+
+
+def test_load_on_a_model_already_loaded_never_loads_a_second_pipeline(monkeypatch):
+    from app.engine.pipeline import Pipeline
+
+    def second_copy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a second pipeline was loaded")
+
+    monkeypatch.setattr(Pipeline, "load", second_copy)
+    model = KandinskyModel("kandinsky")
+    model.pipeline = object()  # loaded, then draining: not ready
+    model.ready = False
+    assert model.load() is False
