@@ -120,3 +120,23 @@ def test_body_errors_before_the_route_are_in_openai_shape_too(srv):
     r = httpx.post(f"{srv}/openai/v1/images/generations", content=b"{not json", timeout=10,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_stream_whose_client_leaves_stops_its_generation(srv):
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    images = metric(srv, "kandinsky_images_total", "")
+    body = json.dumps({"model": NAME, "prompt": "кот", "size": "256x256", "stream": True, "partial_images": 3,
+                       "images_to_gen": 8, "seed": 4}).encode()
+    port = urlparse(srv).port
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = "POST /openai/v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while b"image_generation.partial_image" not in received:  # a few rows in: the batch is running
+            received += sock.recv(65536)
+    # The next request runs after the abandoned one stopped; only its own image is counted.
+    predict(srv, seed=5, images_to_gen=1, images_to_cherry_pick=1, super_res=False)
+    assert metric(srv, "kandinsky_images_total", "") == images + 1
