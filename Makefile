@@ -71,6 +71,10 @@ bench-decode-profile: $(VENV)/.installed
 ## bench-gpu: on an H100/H200: ms per decode step at batch 1/8/16/32, fraction of the bandwidth bound
 bench-gpu: $(VENV)/.installed
 	$(PY) bench/gpu_decode.py --out out/gpu_decode
+## bench-image-prompt: image completion against rudalle 1.1.3's ImagePrompts + generate_images (greedy)
+.PHONY: bench-image-prompt
+bench-image-prompt: $(VENV)/.installed
+	$(PY) bench/image_prompt_parity.py --mode all --out out/image-prompt-parity.json
 ## bench-preview: what previews cost the other rows of their batch (tiny model, CPU)
 .PHONY: bench-preview
 bench-preview: $(VENV)/.installed $(TINY)/model.json

@@ -58,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.engine.nets.dalle import MASK_BUFFERS, DalleConfig, build_mask, expected_dalle_tensors  # noqa: E402
-from app.engine.nets.decoding import GenerationRequest, SamplingParams  # noqa: E402
+from app.engine.nets.decoding import GenerationRequest, SamplingParams, Tick  # noqa: E402
 from app.engine.params import (  # noqa: E402
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
@@ -164,8 +164,8 @@ def ours_sampler(pipe: Pipeline, text_ids: torch.Tensor, images: int, top_k: int
         (out,) = decoder.generate([request])
         return out.codes
 
-    def stop(done: int) -> None:
-        if done >= steps:
+    def stop(tick: Tick) -> None:
+        if tick.steps >= steps:
             raise _Stop
 
     decoder.progress_every = 1  # instance attribute: only this benchmark's decoder
