@@ -134,7 +134,7 @@ class ServiceMiddleware:
             if protocol is not None and status[0]:
                 metrics.REQUESTS_TOTAL.labels(code=str(status[0]), protocol=protocol).inc()
                 metrics.REQUEST_SECONDS.observe(elapsed)
-            _log_access(scope, request_id, status[0], elapsed)
+            _log_access(scope, request_id, status[0], elapsed, protocol)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, status: list[int]) -> None:
         problem = _query_problem(scope)
@@ -340,20 +340,22 @@ def _request_id(scope: Scope) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def _log_access(scope: Scope, request_id: str, status: int, elapsed: float) -> None:
+def _log_access(scope: Scope, request_id: str, status: int, elapsed: float, protocol: str | None) -> None:
     route = getattr(scope.get("route"), "path", None) or "-"
     client = scope.get("client") or ("-", 0)
     level = logging.WARNING if status >= 500 else logging.INFO
     access_log.log(
         level,
-        '%s "%s %s" %d %.1f ms id=%s',
+        '%s "%s %s" %d %.1f ms id=%s%s',
         client[0],
         scope["method"],
         scope["path"],
         status,
         elapsed * 1000,
         request_id,
+        f" protocol={protocol}" if protocol else "",
         extra={
+            "protocol": protocol,
             "request_id": request_id,
             "method": scope["method"],
             "route": route,

@@ -569,14 +569,29 @@ class InferInterceptor(aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN  # set by abort(), or gRPC's default
                 raise
             finally:
+                elapsed = time.perf_counter() - started
                 metrics.REQUESTS_TOTAL.labels(code=_status_name(code), protocol="grpc").inc()
-                metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
+                metrics.REQUEST_SECONDS.observe(elapsed)
+                # One access line per call, as REST requests get (app/serving/http.py).
+                peer = context.peer() or "-"
+                access_log.log(
+                    logging.WARNING if code in _SERVER_FAULTS else logging.INFO,
+                    '%s "gRPC ModelInfer" %s %.1f ms protocol=grpc', peer, _status_name(code), elapsed * 1000,
+                    extra={"method": "gRPC", "route": _MODEL_INFER, "path": _MODEL_INFER,
+                           "status": _status_name(code), "duration_ms": round(elapsed * 1000, 1),
+                           "client": peer, "protocol": "grpc"},
+                )
 
         return grpc.unary_unary_rpc_method_handler(
             counted,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+_SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE,
+                  grpc.StatusCode.DEADLINE_EXCEEDED}
+access_log = logging.getLogger("app.access")
 
 
 def _status_name(code: Any) -> str:

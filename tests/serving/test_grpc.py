@@ -48,7 +48,7 @@ def srv(tiny_model_dir):
     port, grpc_port = free_port(), free_port()
     proc = start_server([
         "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
-        "--grpc_port", str(grpc_port),
+        "--grpc_port", str(grpc_port), "--max_images_per_request", "20",  # a 20 MB answer (below)
     ])
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
@@ -159,8 +159,8 @@ def test_tritonclient_grpc_gets_the_named_outputs_with_v1_images(srv, reference)
 
 
 def test_a_response_over_kserves_8_mib_default_arrives(srv):
-    # ten 1024x1024 PNGs (RealESRGAN x4 of the tiny model's images) are about 10 MB
-    count = 10
+    # twenty 1024x1024 PNGs (RealESRGAN x4 of the tiny model's noise) are about 20 MB
+    count = 20
     inputs = [
         query("кот".encode()),
         Tensor(name="images_to_gen", datatype="INT32", shape=[1], contents=pb.InferTensorContents(
@@ -172,7 +172,7 @@ def test_a_response_over_kserves_8_mib_default_arrives(srv):
         Tensor(name="seed", datatype="INT64", shape=[1], contents=pb.InferTensorContents(int64_contents=[5])),
     ]
     response = call(srv, inputs, outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="images")])
-    assert response.ByteSize() > KSERVE_DEFAULT_LIMIT
+    assert response.ByteSize() > 2 * KSERVE_DEFAULT_LIMIT  # about 20 MB: more than twice KServe's 8 MiB
     assert [o.name for o in response.outputs] == ["images"] and list(response.outputs[0].shape) == [count]
     raw = response.raw_output_contents[0]
     offset, sizes = 0, []
@@ -234,7 +234,7 @@ BAD_CALLS = [
      None, "inputs.top_k: datatype FP32 is not accepted"),
     ([query(b"cat"), int32("top_k", 5, 6)], None, "inputs.top_k: shape [2] for 1 instance"),
     ([query(b"cat"), int32("top_k", 100000)], None, "inputs.top_k: must be <= 64"),
-    ([query(b"a", b"b"), int32("images_to_gen", 1, 30)], None, "inputs.images_to_gen[1]: must be <= 16"),
+    ([query(b"a", b"b"), int32("images_to_gen", 1, 30)], None, "inputs.images_to_gen[1]: must be <= 20"),
     ([query(b"\xff\xfe")], None, "inputs.query[0]: not valid UTF-8"),
     ([query(b"cat"), int32("steps", 5)], None, "inputs.steps: unknown input"),
     ([query(b"cat"), Tensor(name="top_k", datatype="INT128", shape=[1])], None,
@@ -254,6 +254,9 @@ def test_bad_input_is_invalid_argument_naming_the_input_and_counted(srv, inputs,
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in err.value.details()
     assert grpc_count(srv, "INVALID_ARGUMENT") == before + 1
+    # one access line, as a REST request gets
+    logged = [line for line in srv["lines"] if '"gRPC ModelInfer" INVALID_ARGUMENT' in line]
+    assert logged and all("protocol=grpc" in line for line in logged)
 
 
 def test_unknown_output_is_invalid_argument(srv):

@@ -202,7 +202,7 @@ def test_client_errors_log_one_line_each_no_traceback_and_no_forged_line(srv):
     assert [e["status"] for e in access] == [400, 400, 404, 404]
     assert access[-1]["path"].startswith("/v1/models/x\n2026-11-30")
     for entry in access:
-        assert entry["method"] == "POST"
+        assert entry["method"] == "POST" and entry["protocol"] == "v1"
         assert entry["duration_ms"] >= 0 and entry["route"]
     errors = [e for e in logged(new) if e["level"] == "ERROR"]
     assert errors == []
