@@ -140,3 +140,22 @@ def test_a_stream_whose_client_leaves_stops_its_generation(srv):
     # The next request runs after the abandoned one stopped; only its own image is counted.
     predict(srv, seed=5, images_to_gen=1, images_to_cherry_pick=1, super_res=False)
     assert metric(srv, "kandinsky_images_total", "") == images + 1
+
+
+def test_image_prompt_in_the_extra_body_completes_the_image_and_bad_borders_name_it(srv, client):
+    import json
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(3).random((64, 64, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    prompt = {"image": base64.b64encode(buf.getvalue()).decode(), "borders": {"up": 6}}
+    r = client.images.generate(model=NAME, prompt="кот", size="256x256",
+                               extra_body={"seed": 8, "image_prompt": prompt})
+    v1 = predict(srv, seed=8, images_to_gen=1, images_to_cherry_pick=1, super_res=False, format="png",
+                 image_prompt=prompt)
+    assert [d.b64_json for d in r.data] == v1["images"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model=NAME, prompt="кот",
+                               extra_body={"image_prompt": {**prompt, "borders": {"up": 40}}})
+    assert caught.value.body["param"] == "image_prompt.borders.up", json.dumps(caught.value.body)
