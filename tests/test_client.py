@@ -7,31 +7,21 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.serving.test_e2e import ROOT, free_port, start_server, wait_ready
+from tests.serving.test_e2e import ROOT, free_port, serve
 
 JOBS = "/v1/models/kandinsky/jobs"
 
 
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir):
-    port = free_port()
-    args = ["--model_dir", str(tiny_model_dir), "--device", "cpu"]
-    proc = start_server([*args, "--http_port", str(port), "--grpc_port", str(free_port())])
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/kandinsky")
-        # drain the pipe so a chatty server never blocks on a full stdout buffer
-        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(10)
+    for srv in serve(tiny_model_dir):
+        yield srv["base"]
 
 
 def client(*args: str, **kwargs) -> subprocess.CompletedProcess:

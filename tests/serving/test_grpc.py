@@ -14,7 +14,6 @@ import io
 import json
 import subprocess
 import sys
-import threading
 from typing import Any
 
 import grpc
@@ -27,7 +26,7 @@ from PIL import Image
 
 from app.serving.model import KandinskyModel, ServerSettings
 from app.serving.v2 import InferenceServicer, InferInterceptor
-from tests.serving.test_e2e import ROOT, free_port, start_server, wait_ready
+from tests.serving.test_e2e import ROOT, serve
 from tests.serving.test_v2 import (
     INPUT_TYPES,
     NAME,
@@ -45,26 +44,13 @@ Tensor = pb.ModelInferRequest.InferInputTensor
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
-    port, grpc_port = free_port(), free_port()
-    proc = start_server([
-        "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
-        "--grpc_port", str(grpc_port), "--max_images_per_request", "20",  # a 20 MB answer (below)
-    ])
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    channel = grpc.insecure_channel(
-        f"127.0.0.1:{grpc_port}", options=[("grpc.max_receive_message_length", -1)]
-    )
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/{NAME}")
-        grpc.channel_ready_future(channel).result(timeout=30)
-        yield {"base": f"http://127.0.0.1:{port}", "grpc": f"127.0.0.1:{grpc_port}",
-               "stub": pb_grpc.GRPCInferenceServiceStub(channel), "lines": lines}
-    finally:
-        channel.close()
-        proc.kill()
-        proc.wait(10)
+    for running in serve(tiny_model_dir, "--max_images_per_request", "20"):  # a 20 MB answer (below)
+        channel = grpc.insecure_channel(running["grpc"], options=[("grpc.max_receive_message_length", -1)])
+        try:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            yield {**running, "stub": pb_grpc.GRPCInferenceServiceStub(channel)}
+        finally:
+            channel.close()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from tests.serving.test_e2e import free_port, start_server, wait_ready
+from tests.serving.test_e2e import serve
 
 NAME = "kandinsky"
 BODY_LIMIT = 64 * 1024
@@ -28,22 +28,8 @@ BODY_LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
-    port, grpc_port = free_port(), free_port()
-    proc = start_server([
-        "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
-        "--grpc_port", str(grpc_port), "--log_format", "json", "--body_timeout", "1",
-        "--max_body_bytes", str(BODY_LIMIT),
-    ])
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()  # from the start: a full pipe must never block the server
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/{NAME}")
-        yield {"port": port, "grpc": f"127.0.0.1:{grpc_port}", "base": f"http://127.0.0.1:{port}",
-               "lines": lines}
-    finally:
-        proc.kill()
-        proc.wait(10)
+    yield from serve(tiny_model_dir, "--log_format", "json", "--body_timeout", "1",
+                     "--max_body_bytes", str(BODY_LIMIT))
 
 
 def metric(base: str, name: str, labels: str = "") -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.serving.test_e2e import free_port, start_server, wait_ready
+from tests.serving.test_e2e import serve
 
 NAME = "kandinsky"
 TTL_S = 5
@@ -26,31 +25,15 @@ MAX_JOBS = 2
 JOBS = f"/v1/models/{NAME}/jobs"
 
 
-def serve(tiny_model_dir, *flags: str):  # type: ignore[no-untyped-def]
-    port = free_port()
-    proc = start_server([
-        "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
-        "--grpc_port", str(free_port()), "--log_format", "json", *flags,
-    ])
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/{NAME}")
-        yield {"port": port, "base": f"http://127.0.0.1:{port}", "lines": lines}
-    finally:
-        proc.kill()
-        proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
-    yield from serve(tiny_model_dir, "--queue_size", "2", "--keepalive", "1")
+    yield from serve(tiny_model_dir, "--log_format", "json", "--queue_size", "2", "--keepalive", "1")
 
 
 @pytest.fixture
 def bounded(tiny_model_dir):
-    yield from serve(tiny_model_dir, "--job_ttl", str(TTL_S), "--max_jobs", str(MAX_JOBS))
+    yield from serve(tiny_model_dir, "--log_format", "json", "--job_ttl", str(TTL_S),
+                     "--max_jobs", str(MAX_JOBS))
 
 
 def body(images: int, seed: int, query: str = "кот", **params: Any) -> dict[str, Any]:

@@ -4,32 +4,21 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
 
 import httpx
 import openai
 import pytest
 from PIL import Image
 
-from tests.serving.test_e2e import free_port, start_server, wait_ready
+from tests.serving.test_e2e import serve
 
 NAME = "kandinsky"
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
-    port = free_port()
-    proc = start_server([
-        "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
-        "--grpc_port", str(free_port()),
-    ])
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/{NAME}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(10)
+    for running in serve(tiny_model_dir):
+        yield running["base"]
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import shutil
-import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.serving.test_e2e import ROOT, free_port, start_server, wait_ready
+from tests.serving.test_e2e import ROOT, serve
 
 PAGE_FILE = ROOT / "app" / "serving" / "static" / "index.html"
 SHOTS = ROOT / "out" / "screenshots"
@@ -50,17 +49,8 @@ def test_page_file_names_no_outside_address():
 
 @pytest.fixture(scope="module")
 def base_url(tiny_model_dir):
-    port = free_port()
-    args = ["--model_dir", str(tiny_model_dir), "--device", "cpu"]
-    proc = start_server([*args, "--http_port", str(port), "--grpc_port", str(free_port())])
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/kandinsky")
-        # drain the pipe so a chatty server never blocks on a full stdout buffer
-        threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait(10)
+    for srv in serve(tiny_model_dir):
+        yield srv["base"]
 
 
 @pytest.fixture(scope="module")

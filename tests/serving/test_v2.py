@@ -14,7 +14,6 @@ import io
 import json
 import re
 import struct
-import threading
 from typing import Any
 
 import httpx
@@ -27,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from app.serving.model import KandinskyModel, ServerSettings
 from app.serving.v2 import rest_body_problem
-from tests.serving.test_e2e import free_port, start_server, wait_ready
+from tests.serving.test_e2e import serve
 
 NAME = "kandinsky"
 INFER = f"/v2/models/{NAME}/infer"
@@ -99,20 +98,7 @@ def metric(base: str, name: str, labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
-    port = free_port()
-    proc = start_server([
-        "--model_dir", str(tiny_model_dir), "--device", "cpu", "--http_port", str(port),
-        "--grpc_port", str(free_port()),
-    ])
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()  # from the start: a full pipe must never block the server
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/{NAME}")
-        yield {"base": f"http://127.0.0.1:{port}", "hostport": f"127.0.0.1:{port}", "lines": lines}
-    finally:
-        proc.kill()
-        proc.wait(10)
+    yield from serve(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
