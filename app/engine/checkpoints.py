@@ -169,7 +169,7 @@ def read_state_dict(
         if metadata_keys:
             obj = _load_with_inert_globals(path, mmap, metadata_keys)
         else:
-            obj = _torch_load(path, mmap)
+            obj = _load_weights_only(path, mmap)
     except pickle.UnpicklingError as exc:
         raise ModelStoreError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
@@ -195,7 +195,7 @@ def _unpickling_reason(exc: Exception) -> str:
     return reason.split(" Please use `torch.serialization.add_safe_globals", 1)[0]
 
 
-def _torch_load(path: Path, mmap: bool) -> Any:
+def _load_weights_only(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except RuntimeError as exc:
@@ -210,13 +210,13 @@ def _load_with_inert_globals(path: Path, mmap: bool, metadata_keys: Collection[s
     with _INERT_LOCK:
         foreign = _foreign_globals(path)
         if not foreign:
-            obj = _torch_load(path, mmap)
+            obj = _load_weights_only(path, mmap)
         else:
             stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
                 (_inert_class(name), name) for name in foreign
             ]
             with torch.serialization.safe_globals(stand_ins):
-                obj = _torch_load(path, mmap)
+                obj = _load_weights_only(path, mmap)
     if foreign:
         _check_inert_placement(obj, path, metadata_keys)
         kept = sorted(str(k) for k in obj if k in metadata_keys) if isinstance(obj, dict) else []
