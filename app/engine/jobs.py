@@ -49,10 +49,6 @@ class Progress:
     steps: int
     preview: list[str] | None = None
 
-    @property
-    def fraction(self) -> float:
-        return self.step / self.steps if self.steps else 0.0
-
 
 #: The pipeline's progress callback: at every tick, one entry per job of the batch (in order): its
 #: `Progress`, or None for a job with no news (one waiting for its own rerun after a failed batch).

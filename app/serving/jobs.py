@@ -32,7 +32,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.engine.jobs import Progress
 from app.serving import metrics
-from app.serving.errors import Conflict, DeadlineExceeded, NotFound, RequestInvalid, ServiceError
+from app.serving.errors import Conflict, NotFound, RequestInvalid, ServiceError
 from app.serving.model import KandinskyModel
 from app.serving.openapi import PREDICT_BODY, Operation, register_operations
 from app.serving.scheduler import Ticket
@@ -195,9 +195,7 @@ class JobStore:
             predictions = await self.model.results(job.ticket)
         except asyncio.CancelledError:
             return  # cancelled: cancel() already recorded it
-        except DeadlineExceeded as exc:
-            self._finish(job, JobStatus.FAILED, error=exc.message)
-        except ServiceError as exc:
+        except ServiceError as exc:  # deadline, failed batch, shutdown: the message is for the client
             self._finish(job, JobStatus.FAILED, error=exc.message)
         except Exception as exc:  # never lose a job to a bug: it fails with a generic reason
             log.exception("job %s failed outside the pipeline", job.id)
@@ -272,13 +270,7 @@ class JobStore:
         job.status, job.result, job.error = status, result, error
         job.finished, job.finished_at = round(time.time(), 3), time.monotonic()
         self._count()
-        if status == JobStatus.SUCCEEDED:
-            data: Any = result
-        elif status == JobStatus.FAILED:
-            data = {"error": error}
-        else:
-            data = self.view(job, with_result=False)
-        self._publish(job, status.value, data)
+        self._publish(job, status.value, self._final_data(job))
 
     # ---- events -----------------------------------------------------------------------------------
 

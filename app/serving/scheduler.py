@@ -63,7 +63,6 @@ class Ticket:
     future: asyncio.Future[TicketResult]
     listener: Listener | None = None
     abandoned: bool = False  # the requester stopped waiting (deadline, disconnect or cancel)
-    started: bool = False  # its batch has begun (set by the worker thread)
 
 
 def _job_images(job: Any) -> int:
@@ -253,7 +252,6 @@ class Scheduler:
         images = sum(ticket.images for ticket in batch)
         for ticket in batch:
             metrics.QUEUE_WAIT_SECONDS.observe(started - ticket.enqueued)
-            ticket.started = True
             self._tell(ticket, "started", None)
         metrics.BATCH_IMAGES.observe(images)
         log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
