@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.test_e2e import ROOT, free_port, serve
+from tests.support import ROOT, free_port, serve
 
 JOBS = "/v1/models/kandinsky/jobs"
 

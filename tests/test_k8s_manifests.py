@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 import app as app_pkg
+from tests.support import _served_routes
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -299,42 +300,6 @@ def _parse(args: list[str]) -> Any:
         return _server_parser().parse_args(args)
     except SystemExit as exc:  # argparse exits on an unknown flag or a bad value
         raise AssertionError(f"the server rejects its manifest args {args}") from exc
-
-
-@cache
-def _served_routes() -> dict[str, set[str]]:
-    """Path templates -> methods of the app `python -m app` serves: KServe's REST routes plus ours."""
-    from fastapi import APIRouter, FastAPI
-    from kserve.model_repository import ModelRepository
-    from kserve.protocol.dataplane import DataPlane
-    from kserve.protocol.rest.server import metrics_handler
-    from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
-    from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
-
-    from app.serving.http import configure_app
-    from app.serving.model import KandinskyModel, ServerSettings
-
-    app = FastAPI()
-    repo = ModelRepository()
-    root = APIRouter()  # as kserve's RESTServer registers /metrics
-    root.add_api_route("/metrics", metrics_handler, methods=["GET"])
-    app.include_router(root)
-    register_v1_endpoints(app, DataPlane(model_registry=repo), None)
-    register_v2_endpoints(app, DataPlane(model_registry=repo), None)
-    configure_app(app, KandinskyModel("kandinsky", ServerSettings()))
-
-    routes: dict[str, set[str]] = {}
-
-    def walk(items: Any) -> None:
-        for r in items:
-            if getattr(r, "path", None):
-                routes.setdefault(r.path, set()).update(getattr(r, "methods", None) or ())
-            sub = getattr(r, "original_router", None)  # FastAPI's lazily included routers
-            if sub is not None:
-                walk(sub.routes)
-
-    walk(app.routes)
-    return routes
 
 
 def _route_for(path: str, method: str = "GET") -> str | None:

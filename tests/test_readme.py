@@ -48,7 +48,7 @@ def test_the_two_commands_are_make_targets_and_ci_runs_the_test_one(target: str)
 
 
 def test_every_get_route_the_readme_names_is_served() -> None:
-    from tests.test_k8s_manifests import _served_routes
+    from tests.support import _served_routes
 
     served = {path for path, methods in _served_routes().items() if "GET" in methods}
     named = re.findall(r"`GET (/[^`]+)`", README)

@@ -7,79 +7,17 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
 from app.serving.schema import CATALOG_EXAMPLE
-
-ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "app", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def wait_ready(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"not ready within {READY_TIMEOUT_S} s")
-
-
-def serve(model_dir: Path, *flags: str) -> Iterator[dict[str, Any]]:
-    """A real `python -m app` on free HTTP and gRPC ports for a test module (use as a fixture body):
-    yields its addresses (`base`, `port`, `hostport`, `grpc`), `proc`, and `lines`, its output so far
-    (read from the start: a full pipe must never block the server)."""
-    port, grpc_port = free_port(), free_port()
-    proc = start_server(["--model_dir", str(model_dir), "--device", "cpu", "--http_port", str(port),
-                         "--grpc_port", str(grpc_port), *flags])
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        try:
-            wait_ready(proc, f"http://127.0.0.1:{port}/v1/models/kandinsky")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{''.join(lines[-40:])}") from None
-        yield {"base": f"http://127.0.0.1:{port}", "port": port, "hostport": f"127.0.0.1:{port}",
-               "grpc": f"127.0.0.1:{grpc_port}", "proc": proc, "lines": lines}
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+from tests.support import ROOT, free_port, start_server, wait_ready
 
 
 @pytest.fixture

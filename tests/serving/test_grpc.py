@@ -1,9 +1,9 @@
 """Open Inference Protocol (KServe v2) over gRPC (`ModelInfer` on --grpc_port), through the real server.
 
 One server (tiny model) serves the module; the v1 reference request and its expectations are
-tests/serving/test_v2.py's. Clients: KServe's `InferenceGRPCClient`, the raw KServe stub, and Triton's
-`tritonclient.grpc`, which runs in a subprocess: its protobuf module and KServe's both define the
-`inference.*` messages, and one process cannot load both.
+tests/serving/test_v2.py's (kept in tests/support.py). Clients: KServe's `InferenceGRPCClient`, the raw
+KServe stub, and Triton's `tritonclient.grpc`, which runs in a subprocess: its protobuf module and
+KServe's both define the `inference.*` messages, and one process cannot load both.
 """
 
 from __future__ import annotations
@@ -26,16 +26,19 @@ from PIL import Image
 
 from app.serving.model import KandinskyModel, ServerSettings
 from app.serving.v2 import InferenceServicer, InferInterceptor
-from tests.serving.test_e2e import ROOT, serve
-from tests.serving.test_v2 import (
+from tests.support import (
     INPUT_TYPES,
     NAME,
     OUTPUT_NAMES,
     OUTPUT_TYPES,
+    PROMPT_BORDERS,
+    ROOT,
     V1_BODY,
     V2_INPUTS,
     assert_same_as_v1,
     metric,
+    prompt_png,
+    serve,
 )
 
 KSERVE_DEFAULT_LIMIT = 8 << 20  # KServe's gRPC message limit, which the server raises to 64 MiB
@@ -318,8 +321,6 @@ async def test_interceptor_counts_ok_and_the_status_an_abort_set():
 
 
 def test_image_prompt_as_raw_file_bytes_gives_the_v1_image_prompt_images(srv):
-    from tests.serving.test_v2 import PROMPT_BORDERS, prompt_png
-
     png = prompt_png()
     params = {"images_to_gen": 1, "images_to_cherry_pick": 1, "super_res": False, "seed": 23, "format": "png",
               "image_prompt": {"image": base64.b64encode(png).decode(), "borders": PROMPT_BORDERS}}

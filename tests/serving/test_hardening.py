@@ -20,7 +20,7 @@ import pytest
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
-from tests.serving.test_e2e import serve
+from tests.support import serve
 
 NAME = "kandinsky"
 BODY_LIMIT = 64 * 1024

@@ -17,20 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import kserve
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
-from kserve import model_server
-from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-from kserve.protocol.rest.server import RESTServer
 from PIL import Image
 from prometheus_client import REGISTRY
 
 from app.engine.pipeline import Pipeline
-from app.serving.http import configure_app
 from app.serving.model import KandinskyModel, ServerSettings
 from app.serving.schema import CATALOG_EXAMPLE
+from tests.support import build_app, client
 
 NAME = "kandinsky"
 PREDICT = f"/v1/models/{NAME}:predict"
@@ -66,27 +61,6 @@ class CountingPipeline:
             return self.real.run(jobs, on_step=on_step)
         finally:
             self.running.clear()
-
-
-def build_app(model: KandinskyModel) -> FastAPI:
-    """KServe's own REST app construction (routes, middleware, handlers) on a fresh FastAPI app."""
-    app = FastAPI(default_response_class=ORJSONResponse)
-    server = kserve.ModelServer(http_port=0, enable_grpc=False, enable_latency_logging=False)
-    server.register_model(model)
-    configure_app(app, model)
-    saved = model_server.app
-    model_server.app = app  # RESTServer imports the app by this name
-    try:
-        RESTServer(
-            FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, 0
-        ).create_application()
-    finally:
-        model_server.app = saved
-    return app
-
-
-def client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=300)
 
 
 def decode_image(b64: str) -> Image.Image:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from tests.serving.test_e2e import serve
+from tests.support import serve
 
 NAME = "kandinsky"
 TTL_S = 5

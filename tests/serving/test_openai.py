@@ -10,7 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.serving.test_e2e import serve
+from tests.support import serve
 
 NAME = "kandinsky"
 

@@ -29,7 +29,7 @@ from app.serving.openapi import (
     undocumented_routes,
 )
 from app.serving.schema import CATALOG_EXAMPLE, Limits, Schema
-from tests.serving.test_http import build_app
+from tests.support import build_app
 
 NAME = "kandinsky"
 PREDICT = "/v1/models/{model_name}:predict"

@@ -23,7 +23,7 @@ import jsonschema
 import pytest
 
 from app.serving.openapi import DOCS_STATIC_PATH, TITLE
-from tests.serving.test_e2e import free_port, start_server, wait_ready
+from tests.support import free_port, start_server, wait_ready
 
 pytestmark = pytest.mark.slow
 

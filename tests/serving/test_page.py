@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.serving.test_e2e import ROOT, serve
+from tests.support import ROOT, serve
 
 PAGE_FILE = ROOT / "app" / "serving" / "static" / "index.html"
 SHOTS = ROOT / "out" / "screenshots"

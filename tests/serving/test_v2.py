@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import json
-import re
 import struct
 from typing import Any
 
@@ -21,79 +19,35 @@ import numpy as np
 import pytest
 import tritonclient.http as triton_http
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from app.serving.model import KandinskyModel, ServerSettings
 from app.serving.v2 import rest_body_problem
-from tests.serving.test_e2e import serve
+from tests.support import (
+    COUNTS,
+    INPUT_TYPES,
+    NAME,
+    OUTPUT_NAMES,
+    OUTPUT_TYPES,
+    PROMPT_BORDERS,
+    QUERIES,
+    SEEDS,
+    TOP_P,
+    V1_BODY,
+    V2_INPUTS,
+    assert_same_as_v1,
+    build_app,
+    client,
+    metric,
+    prompt_png,
+    serve,
+)
 
-NAME = "kandinsky"
 INFER = f"/v2/models/{NAME}/infer"
-
-# The reference request: two instances with their own query, seed and image counts, and two inputs of
-# shape [1] that apply to both. PNG, so the same pixels are the same bytes.
-QUERIES = ["кот в шляпе", "собака"]
-SEEDS = [11, 12]
-COUNTS = [2, 1]
-TOP_P = 0.9  # 0.9 is not a float32: an FP32 input must still mean the v1 value
-V1_BODY = {
-    "instances": [
-        {"query": q, "params": {"images_to_gen": n, "images_to_cherry_pick": n, "super_res": False,
-                                "seed": s, "format": "png", "top_p": TOP_P}}
-        for q, s, n in zip(QUERIES, SEEDS, COUNTS)
-    ]
-}
-#: name -> (datatype, elements): the reference as v2 inputs.
-V2_INPUTS: dict[str, tuple[str, list[Any]]] = {
-    "query": ("BYTES", QUERIES),
-    "seed": ("INT64", SEEDS),
-    "images_to_gen": ("INT32", COUNTS),
-    "images_to_cherry_pick": ("INT64", COUNTS),
-    "super_res": ("BOOL", [False]),
-    "format": ("BYTES", ["png"]),
-    "top_p": ("FP64", [TOP_P]),
-}
-OUTPUT_NAMES = ["images", "clip_scores", "ppl", "instance", "seed"]
-INPUT_TYPES = {
-    "query": "BYTES", "images_to_gen": "INT32", "images_to_cherry_pick": "INT32", "top_k": "INT32",
-    "top_p": "FP32", "temperature": "FP32", "super_res": "BOOL", "seed": "INT64", "format": "BYTES",
-    "image_prompt": "BYTES", "borders": "BYTES", "crop_first": "BOOL",
-}
-OUTPUT_TYPES = {"images": "BYTES", "clip_scores": "FP32", "ppl": "FP32", "instance": "INT32", "seed": "INT64"}
 
 
 def json_inputs(inputs: dict[str, tuple[str, list[Any]]] = V2_INPUTS) -> list[dict[str, Any]]:
     return [{"name": n, "datatype": dt, "shape": [len(v)], "data": v} for n, (dt, v) in inputs.items()]
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def assert_same_as_v1(reference: dict[str, Any], images: list[bytes], clip_scores: Any, ppl: Any = None,
-                      instance: Any = None, seed: Any = None) -> None:
-    """The v2 outputs hold v1's images (same files, same pixels) and scores, instance by instance."""
-    expected = [base64.b64decode(b) for p in reference["predictions"] for b in p["images"]]
-    assert len(images) == len(expected) == sum(COUNTS)
-    for got, want in zip(images, expected):
-        assert np.array_equal(pixels(got), pixels(want))
-        assert got == want
-    scores = [s for p in reference["predictions"] for s in p["clip_scores"]]
-    assert np.allclose(np.asarray(clip_scores, dtype=np.float64), scores, rtol=1e-6, atol=1e-7)
-    if ppl is not None:
-        want_ppl = [v for p in reference["predictions"] for v in p["ppl"]]
-        assert np.allclose(np.asarray(ppl, dtype=np.float64), want_ppl, rtol=1e-6)
-    if instance is not None:
-        assert list(instance) == [i for i, n in enumerate(COUNTS) for _ in range(n)]
-    if seed is not None:
-        assert list(seed) == SEEDS
-
-
-def metric(base: str, name: str, labels: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +169,6 @@ def test_model_is_ready_once_loaded(srv):
 
 
 async def test_a_model_not_loaded_is_not_ready_and_infer_answers_503_without_loading_it(monkeypatch):
-    from tests.serving.test_http import build_app, client
-
     model = KandinskyModel(NAME, ServerSettings())
     monkeypatch.setattr(model, "load", lambda: pytest.fail("v2 infer must not load the model"))
     async with client(build_app(model)) as c:
@@ -398,16 +350,6 @@ def test_malformed_binary_bodies_are_a_400_naming_the_place_not_a_500(srv, body,
 
 
 # ---- image prompts (SPEC section 9): the image file, its borders as JSON text, crop_first ---------------
-
-
-def prompt_png() -> bytes:
-    rng = np.random.default_rng(5)
-    buf = io.BytesIO()
-    Image.fromarray((rng.random((120, 90, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-PROMPT_BORDERS = {"up": 3, "right": 4}
 
 
 def test_image_prompt_inputs_give_the_v1_image_prompt_images_json_and_binary(srv):
