@@ -10,10 +10,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from app.serving.http import LockedRepository, configure_app
-from app.serving.logs import configure_logging
+from app.serving.core.settings import ServerSettings
 from app.serving.model import KandinskyModel
-from app.serving.settings import ServerSettings
+from app.serving.observability.logs import configure_logging
+from app.serving.web.app import LockedRepository, configure_app
 
 log = logging.getLogger("app")
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve ruDALL-E Kandinsky (or any ruDALL-E model directory) with KServe.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    from app.serving.v2 import GRPC_MESSAGE_BYTES
+    from app.serving.protocols.v2_grpc import GRPC_MESSAGE_BYTES
 
     # KServe's 8 MiB gRPC limit is less than sixteen upscaled PNGs; the flags still override it.
     parser.set_defaults(
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from kserve import model_server
 
     from app.engine.store import ModelStoreError
-    from app.serving.v2 import add_grpc_server
+    from app.serving.protocols.v2_grpc import add_grpc_server
 
     model = KandinskyModel(args.model_name, settings)
     try:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             max_send_bytes=args.grpc_max_send_message_length,
             max_receive_bytes=args.grpc_max_receive_message_length,
         )
-    configure_app(model_server.app, model)
+    configure_app(model_server.app, model.context, model.begin_drain)
     server.start([model])
     log.info("server stopped")
     return 0

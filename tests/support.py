@@ -107,12 +107,12 @@ def build_app(model: KandinskyModel) -> FastAPI:
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.protocol.rest.server import RESTServer
 
-    from app.serving.http import configure_app
+    from app.serving.web.app import configure_app
 
     app = FastAPI(default_response_class=ORJSONResponse)
     server = kserve.ModelServer(http_port=0, enable_grpc=False, enable_latency_logging=False)
     server.register_model(model)
-    configure_app(app, model)
+    configure_app(app, model.context, model.begin_drain)
     saved = model_server.app
     model_server.app = app  # RESTServer imports the app by this name
     try:
@@ -141,8 +141,8 @@ def _served_routes() -> dict[str, set[str]]:
     from kserve.protocol.rest.v1_endpoints import register_v1_endpoints
     from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
 
-    from app.serving.http import configure_app
     from app.serving.model import KandinskyModel, ServerSettings
+    from app.serving.web.app import configure_app
 
     app = FastAPI()
     repo = ModelRepository()
@@ -151,7 +151,8 @@ def _served_routes() -> dict[str, set[str]]:
     app.include_router(root)
     register_v1_endpoints(app, DataPlane(model_registry=repo), None)
     register_v2_endpoints(app, DataPlane(model_registry=repo), None)
-    configure_app(app, KandinskyModel("kandinsky", ServerSettings()))
+    model = KandinskyModel("kandinsky", ServerSettings())
+    configure_app(app, model.context, model.begin_drain)
 
     routes: dict[str, set[str]] = {}
 

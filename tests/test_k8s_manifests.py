@@ -729,10 +729,10 @@ def test_weights_job_runs_real_weights_tool_commands() -> None:
 
 @cache
 def _server_metrics() -> dict[str, tuple[str, frozenset[str]]]:
-    """Every series name the server exports -> (family, label names), from app.serving.metrics itself."""
+    """Every series name the server exports -> (family, label names), from the metrics module itself."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    import app.serving.metrics as metrics
+    import app.serving.observability.metrics as metrics
 
     suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count",
                 "_created"), "summary": ("_sum", "_count", "_created")}
@@ -743,7 +743,7 @@ def _server_metrics() -> dict[str, tuple[str, frozenset[str]]]:
             for family in value.describe():
                 for suffix in suffixes[family.type]:
                     out[family.name + suffix] = (family.name, labels)
-    assert out, "app.serving.metrics defines no metrics"
+    assert out, "app.serving.observability.metrics defines no metrics"
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.__main__ import build_parser
-from app.serving.schema import CATALOG_EXAMPLE, Limits, build_schema
+from app.serving.core.schema import CATALOG_EXAMPLE, Limits, build_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -20,9 +20,9 @@ from typing import Any
 from app.engine.jobs import Job, JobFailed
 from app.engine.pipeline import Pipeline
 from app.engine.store import ModelStoreError
-from app.serving.errors import RequestInvalid
-from app.serving.schema import Limits, Schema, generation_params
-from app.serving.settings import ServerSettings
+from app.serving.core.errors import RequestInvalid
+from app.serving.core.schema import Limits, Schema, generation_params
+from app.serving.core.settings import ServerSettings
 
 log = logging.getLogger("app.tools.generate")
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.serving.schema import CATALOG_EXAMPLE
+from app.serving.core.schema import CATALOG_EXAMPLE
 from tests.support import ROOT, free_port, start_server, wait_ready
 
 

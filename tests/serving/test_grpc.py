@@ -25,7 +25,7 @@ from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from PIL import Image
 
 from app.serving.model import KandinskyModel, ServerSettings
-from app.serving.v2 import InferenceServicer, InferInterceptor
+from app.serving.protocols.v2_grpc import InferenceServicer, InferInterceptor
 from tests.support import (
     INPUT_TYPES,
     NAME,

@@ -23,8 +23,8 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from app.engine.pipeline import Pipeline
+from app.serving.core.schema import CATALOG_EXAMPLE
 from app.serving.model import KandinskyModel, ServerSettings
-from app.serving.schema import CATALOG_EXAMPLE
 from tests.support import build_app, client
 
 NAME = "kandinsky"
@@ -143,7 +143,7 @@ def scenario(served, pipeline) -> Observed:
                 c.post(PREDICT, json={"instances": [{"query": "Дом", "params": SMALL}]})
             )
             deadline = time.monotonic() + 30
-            while model.scheduler.depth < 2 and time.monotonic() < deadline:
+            while model.service.queue.depth < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             obs.responses["overflow"] = await c.post(
                 PREDICT, json={"instances": [{"query": "x", "params": SMALL}]}
@@ -262,16 +262,16 @@ async def test_injected_failure_answers_500_then_next_request_with_super_res_suc
     small = decode_image(scenario.responses["catalog"].json()["images"][0])
     big = decode_image(upscaled.json()["images"][0])
     assert big.size == (small.size[0] * 4, small.size[1] * 4)
-    assert model.scheduler.alive
+    assert model.alive
 
 
 async def test_unexpected_error_in_predict_is_500_without_the_prompt(served, monkeypatch):
     model, app = served
 
-    async def broken_wait(ticket):
-        raise ValueError(f"cannot handle {ticket.jobs[0].query}")
+    async def broken_outcome(work):
+        raise ValueError(f"cannot handle {work.request.instances[0].query}")
 
-    monkeypatch.setattr(model.scheduler, "wait", broken_wait)
+    monkeypatch.setattr(model.service.queue, "outcome", broken_outcome)
     async with client(app) as c:
         r = await c.post(PREDICT, json=one("секретный кот"))
     assert r.status_code == 500
@@ -430,8 +430,8 @@ async def test_liveness_fails_whenever_the_model_is_not_loaded_or_its_worker_sto
         before = [(await c.get(p)).status_code for p in ("/v2/health/live", "/v2/health/ready")]
         model.attach(pipeline)
         loaded = [(await c.get(p)).status_code for p in ("/v2/health/live", "/v2/health/ready")]
-        assert model.scheduler is not None
-        model.scheduler.stop(timeout=10)  # the GPU worker is gone: nothing would ever be answered
+        assert model.worker is not None
+        model.worker.stop(timeout=10)  # the GPU worker is gone: nothing would ever be answered
         stopped = (await c.get("/v2/health/live")).status_code
     model.stop()
     assert before == [503, 503]

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from app.serving.logs import EscapingFormatter, JsonFormatter, escape, make_formatter
+from app.serving.observability.logs import EscapingFormatter, JsonFormatter, escape, make_formatter
 
 FORGED = "x\n2026-11-30 12:00:00 app INFO FORGED\r\x1b[2J\u2028done"
 

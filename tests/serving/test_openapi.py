@@ -1,12 +1,14 @@
 """`/openapi.json` and `/docs` on KServe's real app: every served route documented with its real statuses and
 bodies, no 422, `/metrics` as text, and a Swagger UI that loads nothing from the internet.
 
-Real responses are checked against the document here for the routes that need no generation; the
-schemathesis run in test_openapi_fuzz.py checks every route, predict included, on a real server process.
+Real responses are checked against the document here for the routes that need no generation, and for a
+job's event stream (documented as the array of its events `{event, data}`); the schemathesis run in
+test_openapi_fuzz.py checks every route, predict and the streams included, on a real server process.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -14,25 +16,32 @@ import httpx
 import jsonschema
 import pytest
 from fastapi import APIRouter, FastAPI
+from httpx_sse import aconnect_sse
 
-import app.serving.jobs  # noqa: F401  (these register their routes' operations)
-import app.serving.openai  # noqa: F401
 from app.engine.pipeline import Pipeline
-from app.serving.card import CARD_PATH
+from app.serving.core.card import CARD_PATH
+from app.serving.core.schema import CATALOG_EXAMPLE, Limits, Schema
 from app.serving.model import KandinskyModel, ServerSettings
-from app.serving.openapi import (
+from app.serving.protocols.routes import Operation
+from app.serving.web.app import build_table
+from app.serving.web.openapi import (
     DOCS_STATIC_PATH,
-    OPERATIONS,
+    EVENT_STREAM,
     TITLE,
     build_openapi,
     install_openapi,
     undocumented_routes,
 )
-from app.serving.schema import CATALOG_EXAMPLE, Limits, Schema
 from tests.support import build_app
 
 NAME = "kandinsky"
 PREDICT = "/v1/models/{model_name}:predict"
+JOBS = "/v1/models/{model_name}/jobs"
+JOB_EVENTS = JOBS + "/{job_id}/events"
+OPENAI_GENERATIONS = "/openai/v1/images/generations"
+# SPEC.md section 7: a job's events and their data (a component, or the predict response).
+JOB_EVENT_DATA = {"status": "JobView", "progress": "JobProgressView", "preview": "JobPreview",
+                  "succeeded": "Prediction|MultiPrediction", "failed": "JobFailure", "cancelled": "JobView"}
 
 # SPEC.md section 3: what each route answers (and nothing else).
 STATUSES: dict[tuple[str, str], set[int]] = {
@@ -44,7 +53,7 @@ STATUSES: dict[tuple[str, str], set[int]] = {
     ("GET", "/v2/models"): {200},
     ("GET", "/v2/models/{model_name}"): {200, 400, 404},
     ("GET", "/v2/models/{model_name}/ready"): {200, 404, 503},
-    ("GET", "/"): {200},
+    ("GET", "/"): {200, 503},
     # SPEC.md section 8: the Open Inference Protocol.
     ("POST", "/v2/models/{model_name}/infer"): {200, 400, 404, 408, 413, 500, 503, 504},
     ("POST", "/openai/v1/images/generations"): {200, 400, 404, 408, 413, 500, 503, 504},
@@ -71,11 +80,16 @@ KSERVE_UNSERVED = {
 }
 
 
+def install(app: FastAPI, model: KandinskyModel) -> None:
+    """Our API document on an app, from the route table of every protocol."""
+    install_openapi(app, build_table(model.context), model.service)
+
+
 def kserve_app(model: KandinskyModel) -> FastAPI:
     """KServe's app as the server builds it, with our OpenAPI installed (idempotent once configure_app
     installs it itself)."""
     app = build_app(model)
-    install_openapi(app, model)
+    install(app, model)
     return app
 
 
@@ -87,7 +101,7 @@ def client(app: FastAPI) -> httpx.AsyncClient:
 def spec_app() -> tuple[KandinskyModel, FastAPI]:
     """An app whose model has its request schema (2 images per request, 64 image tokens), not loaded."""
     model = KandinskyModel(NAME, ServerSettings(max_images_per_request=2))
-    model.schema = Schema(Limits(2, 64))
+    model.service.schema = Schema(Limits(2, 64))
     return model, kserve_app(model)
 
 
@@ -112,18 +126,34 @@ def assert_matches(doc: dict[str, Any], schema: dict[str, Any], value: Any) -> N
     assert not errors, (value, errors)
 
 
+def stream_schema(doc: dict[str, Any], method: str, path: str, status: int = 200) -> dict[str, Any]:
+    return operation(doc, method, path)["responses"][str(status)]["content"][EVENT_STREAM]["schema"]
+
+
+def event_data(stream: dict[str, Any]) -> dict[str, str]:
+    """Event name -> its data's component name(s), from a documented stream's items."""
+    out = {}
+    for event in stream["items"]["oneOf"]:
+        assert event["type"] == "object" and event["required"] == ["event", "data"]
+        assert event["additionalProperties"] is False
+        data = event["properties"]["data"]
+        refs = [data] if "$ref" in data else data["oneOf"]
+        out[event["properties"]["event"]["const"]] = "|".join(r["$ref"].rsplit("/", 1)[1] for r in refs)
+    return out
+
+
 # ---- the table against the app --------------------------------------------------------------------
 
 
 def test_every_served_route_is_documented(spec_app):
     _, app = spec_app
-    assert undocumented_routes(app) == [], "document these routes in app/serving/openapi.py (OPERATIONS)"
+    assert undocumented_routes(app) == [], "declare these routes in their protocol's routes()"
 
 
 def test_a_new_route_without_a_table_entry_is_reported():
     model = KandinskyModel(NAME)
     app = FastAPI()
-    install_openapi(app, model)
+    install(app, model)
     app.add_api_route("/v1/extra", lambda: {}, methods=["GET"])
     router = APIRouter(prefix="/v3")
     router.add_api_route("/thing", lambda: {}, methods=["POST"])
@@ -135,7 +165,7 @@ def test_a_new_route_without_a_table_entry_is_reported():
 def test_a_route_shadowed_by_a_hidden_one_is_not_served_and_not_documented():
     model = KandinskyModel(NAME)
     app = FastAPI()
-    install_openapi(app, model)
+    install(app, model)
     app.add_api_route("/v2/models/{model_name}/infer", lambda: {}, methods=["POST"], include_in_schema=False)
     app.add_api_route("/metrics", lambda: "", methods=["GET"])
     router = APIRouter(prefix="/v2")
@@ -146,7 +176,8 @@ def test_a_route_shadowed_by_a_hidden_one_is_not_served_and_not_documented():
 
 
 def test_the_table_documents_exactly_the_spec_statuses():
-    assert {key: {op.ok_status, *op.other_ok, *op.errors} for key, op in OPERATIONS.items()} == STATUSES
+    operations = build_table(KandinskyModel(NAME).context).operations()
+    assert {key: {op.ok_status, *op.other_ok, *op.errors} for key, op in operations.items()} == STATUSES
 
 
 def test_document_lists_the_served_routes_with_their_statuses_and_no_422(doc):
@@ -193,6 +224,49 @@ def test_predict_documents_body_example_both_success_shapes_and_error_bodies(doc
     assert set(prediction["required"]) == {"ok", "images", "clip_scores", "seed", "ppl", "timings"}
 
 
+def test_job_streams_are_documented_as_the_array_of_their_events(doc):
+    events = operation(doc, "GET", JOB_EVENTS)["responses"]["200"]
+    assert list(events["content"]) == [EVENT_STREAM]
+    schema = stream_schema(doc, "GET", JOB_EVENTS)
+    assert schema["type"] == "array" and schema["minItems"] == 1
+    assert event_data(schema) == JOB_EVENT_DATA
+    # Exactly one final event.
+    assert schema["contains"]["properties"]["event"]["enum"] == ["succeeded", "failed", "cancelled"]
+    assert schema["minContains"] == schema["maxContains"] == 1
+    assert "`event:`" in events["description"] and "`data:`" in events["description"]
+    # The streamed submit answers the same stream, or the existing job of a reused Idempotency-Key.
+    submitted = operation(doc, "POST", JOBS)["responses"]
+    assert list(submitted["200"]["content"]) == ["application/json", EVENT_STREAM]
+    assert schema_of(doc, "POST", JOBS, 200)["$ref"].endswith("/JobView")
+    assert stream_schema(doc, "POST", JOBS) == schema
+    assert list(submitted["202"]["content"]) == ["application/json"]
+    preview = doc["components"]["schemas"]["JobPreview"]
+    assert set(preview["required"]) == {"step", "instance", "images"}
+
+
+def test_openai_stream_is_documented_as_the_array_of_its_events(doc):
+    assert list(operation(doc, "POST", OPENAI_GENERATIONS)["responses"]["200"]["content"]) == [
+        "application/json", EVENT_STREAM]
+    schema = stream_schema(doc, "POST", OPENAI_GENERATIONS)
+    assert schema["type"] == "array" and "contains" not in schema
+    assert event_data(schema) == {
+        "image_generation.partial_image": "ImageGenPartialImageEvent",
+        "image_generation.completed": "ImageGenCompletedEvent",
+        "error": "OpenAIErrorBody",
+    }
+    partial = doc["components"]["schemas"]["ImageGenPartialImageEvent"]["properties"]
+    assert partial["type"]["const"] == "image_generation.partial_image"
+
+
+def test_a_documented_stream_names_its_status_and_final_events():
+    with pytest.raises(ValueError, match="not a success status"):
+        Operation("x", "Jobs", None, stream_events={"a": {}}, stream_status=201)
+    with pytest.raises(ValueError, match="undeclared stream events"):
+        Operation("x", "Jobs", None, stream_events={"a": {}}, stream_final=("b",))
+    with pytest.raises(ValueError, match="without stream_events"):
+        Operation("x", "Jobs", None, stream_final=("b",))
+
+
 def test_every_503_documents_retry_after(doc):
     for item in doc["paths"].values():
         for op in item.values():
@@ -217,7 +291,7 @@ def test_document_without_a_loaded_model_is_not_cached():
     app = kserve_app(model)
     first = app.openapi()
     assert "requestBody" not in operation(first, "POST", PREDICT)
-    model.schema = Schema(Limits(16, 8192))
+    model.service.schema = Schema(Limits(16, 8192))
     second = app.openapi()
     assert "requestBody" in operation(second, "POST", PREDICT)
     assert app.openapi() is second  # cached from now on
@@ -226,10 +300,11 @@ def test_document_without_a_loaded_model_is_not_cached():
 def test_build_openapi_describes_the_routes_present_when_it_is_called(spec_app):
     model, _ = spec_app
     app = FastAPI()
-    install_openapi(app, model)
-    assert build_openapi(app, model)["paths"] == {}
+    install(app, model)
+    table = build_table(model.context)
+    assert build_openapi(app, table, model.service)["paths"] == {}
     app.add_api_route("/metrics", lambda: "", methods=["GET"])
-    assert list(build_openapi(app, model)["paths"]) == ["/metrics"]
+    assert list(build_openapi(app, table, model.service)["paths"]) == ["/metrics"]
 
 
 # ---- real responses against the document ----------------------------------------------------------
@@ -279,6 +354,44 @@ async def test_real_responses_match_the_documented_schemas(pipeline):
         assert_matches(doc, schema_of(doc, "GET", template, 503), r.json())
 
 
+async def read_stream(c: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """A stream read with httpx-sse (as the command-line client reads it) into the documented array."""
+    async with aconnect_sse(c, method, url, **kwargs) as source:
+        assert source.response.status_code == 200, await source.response.aread()
+        return [{"event": sse.event, "data": json.loads(sse.data)} async for sse in source.aiter_sse()]
+
+
+async def test_a_real_jobs_stream_matches_the_documented_array_of_events(pipeline):
+    model = KandinskyModel(NAME, ServerSettings(max_images_per_request=2))
+    app = kserve_app(model)
+    params = {"images_to_gen": 1, "images_to_cherry_pick": 1, "super_res": False, "seed": 3,
+              "preview_every": 16}
+    async with client(app) as c:
+        model.attach(pipeline)
+        try:
+            doc = (await c.get("/openapi.json")).json()
+            url = f"/v1/models/{NAME}/jobs"
+            body = {"instances": [{"query": "кот", "params": params}]}
+            streamed = await read_stream(c, "POST", url, json=body, headers={"Accept": EVENT_STREAM})
+            job_id = streamed[0]["data"]["id"]
+            finished = await read_stream(c, "GET", f"{url}/{job_id}/events")
+        finally:
+            model.stop()
+    names = [e["event"] for e in streamed]
+    assert names[0] == "status" and names[-1] == "succeeded" and {"progress", "preview"} <= set(names)
+    assert_matches(doc, stream_schema(doc, "POST", JOBS), streamed)
+    assert [e["event"] for e in finished] == ["status", "succeeded"]
+    assert_matches(doc, stream_schema(doc, "GET", JOB_EVENTS), finished)
+    # Every kind of event validates, and only as what it is: a failed job's stream; a stream with no end.
+    failed = [finished[0], {"event": "failed", "data": {"error": "CUDA out of memory"}}]
+    assert_matches(doc, stream_schema(doc, "GET", JOB_EVENTS), failed)
+    validator = jsonschema.Draft202012Validator({**stream_schema(doc, "GET", JOB_EVENTS),
+                                                 "components": doc["components"]})
+    assert not validator.is_valid(finished[:1])
+    assert not validator.is_valid([*finished, failed[1]])
+    assert not validator.is_valid([finished[0], {"event": "failed", "data": finished[1]["data"]}])
+
+
 # ---- Swagger UI -----------------------------------------------------------------------------------
 
 
@@ -289,7 +402,7 @@ LOCAL_REF = re.compile(r"""(?:src|href)\s*=\s*["']([^"']+)["']|url:\s*["']([^"']
 async def test_docs_page_loads_only_local_files(fastapi_docs):
     app = FastAPI(docs_url="/docs" if fastapi_docs else None)  # KServe's --enable_docs_url: a CDN page
     model = KandinskyModel(NAME)
-    install_openapi(app, model)
+    install(app, model)
     async with client(app) as c:
         page = await c.get("/docs")
         assert page.status_code == 200 and "text/html" in page.headers["content-type"]

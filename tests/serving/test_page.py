@@ -21,7 +21,7 @@ from PIL import Image
 
 from tests.support import ROOT, serve
 
-PAGE_FILE = ROOT / "app" / "serving" / "static" / "index.html"
+PAGE_FILE = ROOT / "app" / "serving" / "web" / "static" / "index.html"
 SHOTS = ROOT / "out" / "screenshots"
 JOBS = "/v1/models/kandinsky/jobs"
 TIMEOUT_MS = 120_000  # generous: the CPUs of a test machine are shared

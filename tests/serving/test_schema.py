@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from app.serving.errors import RequestInvalid
-from app.serving.schema import CATALOG_EXAMPLE, SEED_MAX, Limits, Schema
+from app.serving.core.errors import RequestInvalid
+from app.serving.core.schema import CATALOG_EXAMPLE, SEED_MAX, Limits, Schema
 
 SCHEMA = Schema(Limits(max_images_per_request=16, image_vocab_size=64))
 

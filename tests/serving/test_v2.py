@@ -22,7 +22,7 @@ from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from tritonclient.utils import InferenceServerException
 
 from app.serving.model import KandinskyModel, ServerSettings
-from app.serving.v2 import rest_body_problem
+from app.serving.protocols.v2_rest import rest_body_problem
 from tests.support import (
     COUNTS,
     INPUT_TYPES,

@@ -171,7 +171,9 @@ def test_chunking_gives_the_same_codes_as_one_chunk(small_model):
     for a, b in zip(whole, chunked):
         assert a.codes.shape == (a.codes.shape[0], SMALL.image_seq_length)
         assert torch.equal(a.codes, b.codes)
-        torch.testing.assert_close(a.ppl, b.ppl, atol=1e-6, rtol=1e-6)
+        # ppl is a float32 mean over 1023 positions: a chunk of another row count may run other BLAS kernels
+        # (bits differ by about 1e-6 relative on some CPUs) while every sampled code stays the same
+        torch.testing.assert_close(a.ppl, b.ppl, atol=1e-6, rtol=1e-5)
 
 
 def test_a_seed_gives_the_same_codes_alone_and_in_a_mixed_batch(small_model):

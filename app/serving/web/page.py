@@ -1,12 +1,12 @@
 """The web page at `GET /` (SPEC section 10): one HTML file with its own script and styles, nothing
-loaded from outside, so it works offline. It talks to the jobs API of app/serving/jobs.py."""
+loaded from outside, so it works offline. It talks to the jobs API (app/serving/protocols/jobs.py);
+app/serving/web/health.py serves it at `/` to browsers."""
 
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
 
-from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 PAGE_FILE = Path(__file__).with_name("static") / "index.html"
@@ -23,13 +23,8 @@ def page_html() -> str:
     return PAGE_FILE.read_text(encoding="utf-8")
 
 
-def install_page(app: FastAPI) -> None:
-    """Serve the page at `/`; KServe's own root route (liveness) is registered later and shadowed."""
-
-    async def page() -> HTMLResponse:
-        return HTMLResponse(
-            page_html(),
-            headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"},
-        )
-
-    app.add_api_route("/", page, methods=["GET"], tags=["Page"], summary="The web page")
+def page_response() -> HTMLResponse:
+    return HTMLResponse(
+        page_html(),
+        headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY, "Cache-Control": "no-cache"},
+    )

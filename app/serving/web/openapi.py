@@ -2,13 +2,18 @@
 
 KServe's app documents its routes as FastAPI infers them: every success schema empty, a 422 nobody sends,
 `/metrics` as JSON, and routes this model does not serve. Clients are generated from this document and
-the docs page is a newcomer's first look, so both are built here from one table, `OPERATIONS`:
-(method, path) -> summary, success body, and the error statuses the route really answers
-(SPEC.md section 3). The document is built lazily, at the first request for it, from the routes present
-in `app.routes` then: KServe registers its routes after `install_openapi` runs, and a route registered
-ahead of one with the same method and path shadows it. A route that answers but is missing from the
-table is left out of the document and logged; `undocumented_routes()` lists them, and a unit test keeps
-that list empty.
+the docs page is a newcomer's first look, so both are built here from the route table
+(app/serving/protocols/routes.py): each route's summary, success body, and the error statuses it really
+answers (SPEC.md section 3). The document is built lazily, at the first request for it, from the routes
+present in `app.routes` then: KServe registers its routes after `install_openapi` runs, and a route
+registered ahead of one with the same method and path shadows it. A route that answers but is missing
+from the table is left out of the document and logged; `undocumented_routes()` lists them, and a unit
+test keeps that list empty.
+
+A route that answers server-sent events (`Operation.stream_events`) documents its `text/event-stream`
+answer as the array of the events the stream sends, each `{"event": NAME, "data": <its JSON>}`: OpenAPI
+3.1 has no keyword for a stream's items (3.2's `itemSchema`), and the array also says which event comes
+first and which ends the stream. A client or test reads the stream into that array to validate it.
 
 Swagger UI is served from the `swagger_ui_bundle` package, so `/docs` works with no internet access.
 """
@@ -18,30 +23,21 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi import routing as fastapi_routing
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from kserve.protocol.rest.v2_datamodels import (
-    ListModelsResponse,
-    ModelMetadataResponse,
-    ModelReadyResponse,
-    ServerLiveResponse,
-    ServerMetadataResponse,
-    ServerReadyResponse,
-)
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, models_json_schema
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 
 from app import __version__
-from app.serving.card import CARD_PATH
-from app.serving.errors import RETRY_AFTER_S
-from app.serving.schema import (
+from app.serving.core.card import CARD_PATH
+from app.serving.core.errors import RETRY_AFTER_S
+from app.serving.core.schema import (
     CATALOG_EXAMPLE,
     RESPONSE_EXAMPLE,
     ErrorBody,
@@ -50,6 +46,8 @@ from app.serving.schema import (
     Prediction,
     json_schema_limits,
 )
+from app.serving.protocols.routes import HTML, METRICS, PREDICT_BODY, PREDICTION, Operation, RouteTable
+from app.serving.protocols.v1 import FailureBody
 
 log = logging.getLogger(__name__)
 
@@ -63,38 +61,9 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 MODEL_NAME_MAX = 253
 PROMETHEUS_TEXT = "text/plain"
 OPENMETRICS_TEXT = "application/openmetrics-text"
+EVENT_STREAM = "text/event-stream"
 
 
-# ---- response bodies that app.serving.schema does not define ---------------------------------------------
-
-
-class FailureBody(BaseModel):
-    """An internal failure (500): the server keeps serving; the message never quotes the prompt."""
-
-    ok: Literal[False] = False
-    error: str
-
-
-class ModelCard(BaseModel):
-    """The model card for catalogs (app/serving/card.py): metadata, architecture, limits and the schemas."""
-
-    name: str
-    model: str
-    version: str
-    license: str
-    description: str
-    architecture: dict[str, Any]
-    hardware: dict[str, Any]
-    limits: dict[str, int]
-    endpoints: dict[str, str]
-    parameters: dict[str, Any] = Field(description="JSON schema of `params`: defaults and bounds.")
-    request_schema: dict[str, Any]
-    response_schema: dict[str, Any]
-    example_request: dict[str, Any]
-    example_response: dict[str, Any]
-
-
-# ---- the table ------------------------------------------------------------------------------------
 
 _ERRORS: dict[int, str] = {
     400: "The request is invalid; `error` names the field and its allowed range.",
@@ -107,121 +76,6 @@ _ERRORS: dict[int, str] = {
     503: "Not ready, the queue is full, or the server is shutting down; retry after `Retry-After` seconds.",
     504: "The request did not finish within the server's deadline.",
 }
-
-
-@dataclass(frozen=True)
-class Operation:
-    """One documented route: the success body (a model, `PREDICTION`, or `METRICS`) and error statuses."""
-
-    summary: str
-    tag: str
-    ok: Any
-    errors: tuple[int, ...] = ()
-    description: str = ""
-    ok_description: str = "OK"
-    error_descriptions: dict[int, str] = field(default_factory=dict)
-    #: The success status (202 for a submitted job).
-    ok_status: int = 200
-    #: The request body: a pydantic model, or `PREDICT_BODY` (the predict request with the server's bounds).
-    request: Any = None
-    #: Further media types of the success response, each a string (e.g. "text/event-stream").
-    ok_media: tuple[str, ...] = ()
-    #: Further success statuses: status -> (description, body model or None).
-    other_ok: dict[int, tuple[str, Any]] = field(default_factory=dict)
-    #: Query parameters: name -> (JSON schema, description).
-    query: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
-    #: Response headers of the success status: name -> description.
-    ok_headers: dict[str, str] = field(default_factory=dict)
-    #: The body of every error status, when not ours (`ErrorBody`, `FailureBody` for 500).
-    error_body: Any = None
-
-
-PREDICTION = "prediction"  # oneOf Prediction / MultiPrediction
-METRICS = "metrics"  # Prometheus text exposition
-HTML = "html"  # a page
-PREDICT_BODY = "predict-body"  # the v1 predict request, validated with this server's limits
-
-PREDICT_PATH = "/v1/models/{model_name}:predict"
-
-OPERATIONS: dict[tuple[str, str], Operation] = {
-    ("POST", PREDICT_PATH): Operation(
-        "Generate images",
-        "Predict",
-        PREDICTION,
-        (400, 404, 408, 413, 415, 500, 503, 504),
-        request=PREDICT_BODY,
-        description=(
-            "Every instance is answered. One instance: the `Prediction` fields; several: "
-            "`{\"ok\": true, \"predictions\": [...]}` in instance order. `images` are base64 files ordered "
-            "by `clip_scores`, highest first."
-        ),
-        ok_description="The generated images of every instance.",
-    ),
-    ("GET", "/v1/models"): Operation("List the served models", "Models", ListModelsResponse),
-    ("GET", "/v1/models/{model_name}"): Operation(
-        "Model readiness",
-        "Health",
-        ModelReadyResponse,
-        (404, 503),
-        description="200 only once every component is loaded and the server takes requests.",
-        error_descriptions={503: "The model is loading or the server is shutting down."},
-    ),
-    ("GET", CARD_PATH): Operation(
-        "Model card",
-        "Catalog",
-        ModelCard,
-        (404, 503),
-        error_descriptions={503: "The model is not loaded yet."},
-    ),
-    ("GET", "/v2"): Operation("Server metadata", "Models", ServerMetadataResponse),
-    ("GET", "/v2/models"): Operation("List the served models (v2)", "Models", ListModelsResponse),
-    ("GET", "/v2/models/{model_name}"): Operation(
-        "Model metadata (v2)",
-        "Models",
-        ModelMetadataResponse,
-        (400, 404),
-        error_descriptions={400: "The model's metadata cannot be given."},
-    ),
-    ("GET", "/v2/models/{model_name}/ready"): Operation(
-        "Model readiness (v2)",
-        "Health",
-        ModelReadyResponse,
-        (404, 503),
-        error_descriptions={503: "The model is loading or the server is shutting down."},
-    ),
-    ("GET", "/"): Operation(
-        "The web page",
-        "Page",
-        HTML,
-        description="Generate images from a browser: progress, previews, Cancel. Works offline.",
-    ),
-    ("GET", "/v2/health/live"): Operation(
-        "Liveness (v2)",
-        "Health",
-        ServerLiveResponse,
-        (503,),
-        error_descriptions={503: "Not live: the model is not loaded."},
-    ),
-    ("GET", "/v2/health/ready"): Operation(
-        "Readiness (v2)",
-        "Health",
-        ServerReadyResponse,
-        (503,),
-        error_descriptions={503: "Not ready: the model is loading or the server is shutting down."},
-    ),
-    ("GET", "/metrics"): Operation(
-        "Prometheus metrics",
-        "Metrics",
-        METRICS,
-        description="Prometheus text exposition (OpenMetrics when the Accept header asks for it).",
-    ),
-}
-
-
-
-def register_operations(operations: dict[tuple[str, str], Operation]) -> None:
-    """Document the routes of another module (jobs, v2, OpenAI, the page): (method, path) -> Operation."""
-    OPERATIONS.update(operations)
 
 
 # ---- routes ---------------------------------------------------------------------------------------
@@ -261,8 +115,10 @@ def served_operations(app: FastAPI) -> list[tuple[str, str]]:
 
 
 def undocumented_routes(app: FastAPI) -> list[tuple[str, str]]:
-    """Routes the server answers that `OPERATIONS` does not describe (a unit test keeps this empty)."""
-    return [op for op in served_operations(app) if op not in OPERATIONS]
+    """Routes the server answers that the route table does not document (a unit test keeps this empty)."""
+    table: RouteTable = app.state.kandinsky_routes
+    documented = table.operations()
+    return [op for op in served_operations(app) if op not in documented]
 
 
 def _flat_routes(routes: Iterable[BaseRoute]) -> Iterator[tuple[BaseRoute, str | None, set[str], bool]]:
@@ -299,8 +155,9 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF_PREFIX + name}
 
 
-def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the routes in `app.routes` now (see `OPERATIONS`)."""
+def build_openapi(app: FastAPI, table: RouteTable, model: Any) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the routes in `app.routes` now, as the route table documents them."""
+    OPERATIONS = table.operations()  # noqa: N806 - the table, read once
     served = set(served_operations(app))
     ops = [op for op in OPERATIONS if op in served]  # the table's order: predict first
     missing = undocumented_routes(app)
@@ -313,7 +170,8 @@ def build_openapi(app: FastAPI, model: Any) -> dict[str, Any]:
     request_models: list[type[BaseModel]] = []
     for key in ops:
         op = OPERATIONS[key]
-        for ok in (op.ok, *(body for _, body in op.other_ok.values())):
+        bodies = (op.ok, *(body for _, body in op.other_ok.values()), *op.stream_events.values())
+        for ok in bodies:
             if ok == PREDICTION:
                 models += [Prediction, MultiPrediction]
             elif isinstance(ok, type) and issubclass(ok, BaseModel):
@@ -415,6 +273,10 @@ def _operation(
         responses[str(status)] = {"description": text}
         if body is not None:
             responses[str(status)]["content"] = {"application/json": {"schema": _ref(names[body])}}
+    if op.stream_events:
+        stream = responses[str(op.stream_status or op.ok_status)]
+        stream["description"] = f"{stream['description'].rstrip('.')}. {_stream_text(op)}"
+        stream.setdefault("content", {})[EVENT_STREAM] = {"schema": _stream_schema(op, names)}
     for status in op.errors:
         body = op.error_body or (FailureBody if status == 500 else ErrorBody)
         response: dict[str, Any] = {
@@ -466,6 +328,55 @@ def _ok_response(op: Operation, names: dict[Any, str]) -> dict[str, Any]:
     return {"description": op.ok_description, "content": {**body, **extra}}
 
 
+def _body_schema(body: Any, names: dict[Any, str]) -> dict[str, Any]:
+    """The schema of a body: `PREDICTION`, a pydantic model (a component), or a JSON schema as given."""
+    if body == PREDICTION:
+        return {"oneOf": [_ref(names[Prediction]), _ref(names[MultiPrediction])]}
+    if isinstance(body, type) and issubclass(body, BaseModel):
+        return _ref(names[body])
+    if isinstance(body, dict):
+        return body
+    raise TypeError(f"not a body schema: {body!r}")
+
+
+def _stream_schema(op: Operation, names: dict[Any, str]) -> dict[str, Any]:
+    """The stream as the array of its events, each `{event: NAME, data: <its schema>}`, holding exactly one
+    of the final events (the stream ends with it; JSON Schema has no keyword for "the last item").
+
+    No `prefixItems` for the first event: schemathesis 4.32 rewrites it to a Draft 4 `items` array in
+    response schemas and then rejects the schema as invalid Draft 2020-12.
+    """
+    events = {
+        name: {
+            "title": f"{name} event",
+            "type": "object",
+            "properties": {"event": {"const": name}, "data": _body_schema(data, names)},
+            "required": ["event", "data"],
+            "additionalProperties": False,
+        }
+        for name, data in op.stream_events.items()
+    }
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"oneOf": list(events.values())}}
+    if op.stream_final:
+        schema["contains"] = {
+            "type": "object", "properties": {"event": {"enum": list(op.stream_final)}}, "required": ["event"]
+        }
+        schema["minContains"] = schema["maxContains"] = 1
+    return schema
+
+
+def _stream_text(op: Operation) -> str:
+    names = [f"`{name}`" for name in op.stream_events]
+    final = ", ".join(f"`{name}`" for name in op.stream_final)
+    return (
+        f"As `{EVENT_STREAM}` (server-sent events): each event an `event:` line with its name and a "
+        f"`data:` line of JSON; `: keep-alive` comment lines carry nothing. Its schema is the array of the "
+        f"stream's events `{{event, data}}` in the order they come"
+        + (f", ending with exactly one of {final}" if final else "")
+        + f". Events: {', '.join(names)}."
+    )
+
+
 def _path_params(path: str, model_name: str) -> list[dict[str, Any]]:
     params = []
     for name in re.findall(r"{(\w+)(?::\w+)?}", path):
@@ -492,7 +403,7 @@ def _operation_id(method: str, path: str) -> str:
 # ---- installation ---------------------------------------------------------------------------------
 
 
-def install_openapi(app: FastAPI, model: Any) -> None:
+def install_openapi(app: FastAPI, table: RouteTable, model: Any) -> None:
     """Serve our `/openapi.json` (built at its first request) and an offline Swagger UI at `/docs`.
 
     Call it before KServe registers its routes; the document describes the routes present when it is
@@ -501,12 +412,13 @@ def install_openapi(app: FastAPI, model: Any) -> None:
     if getattr(app.state, "kandinsky_openapi", False):
         return  # installed already (configure_app and a test may both call it)
     app.state.kandinsky_openapi = True
+    app.state.kandinsky_routes = table
     app.title, app.version = TITLE, __version__
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        doc = build_openapi(app, model)
+        doc = build_openapi(app, table, model)
         if getattr(model, "schema", None) is not None:
             app.openapi_schema = doc
         return doc

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.serving.schema import CATALOG_EXAMPLE, RESPONSE_EXAMPLE, MultiPrediction, Prediction, Schema
+from app.serving.core.schema import CATALOG_EXAMPLE, RESPONSE_EXAMPLE, MultiPrediction, Prediction, Schema
 
 CARD_PATH = "/v1/models/{model_name}/card"
 

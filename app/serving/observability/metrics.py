@@ -7,10 +7,13 @@ Metrics are created once, at import; tests read deltas, never absolute values.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from app.engine.params import STAGES
+from app.engine.jobs import JobFailed
+from app.engine.params import STAGES, Stage
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +74,44 @@ def update_gpu_memory() -> None:
             GPU_MEMORY_BYTES.labels(device=f"cuda:{i}").set(torch.cuda.memory_allocated(i))
     except Exception:  # a metrics refresh must never fail a request
         log.warning("could not read CUDA memory statistics", exc_info=True)
+
+
+class PrometheusObserver:
+    """The queue's and the worker's reports (`app.serving.queue.observer.QueueObserver`) as metrics."""
+
+    def queue_depth(self, depth: int) -> None:
+        QUEUE_DEPTH.set(depth)
+
+    def batch_started(self, waits: Sequence[float], images: int) -> None:
+        for wait in waits:
+            QUEUE_WAIT_SECONDS.observe(wait)
+        BATCH_IMAGES.observe(images)
+
+    def batch_done(self, jobs: Sequence[Any], outcomes: Sequence[Any]) -> None:
+        update_gpu_memory()
+        # Counted here, not per answered request: a request that gave up late still cost its images;
+        # one stopped at a progress tick (None) or failed produced none.
+        done = [(j, o) for j, o in zip(jobs, outcomes) if o is not None and not isinstance(o, JobFailed)]
+        results = [o for _, o in done]
+        images = sum(int(j.params.images_to_gen) for j, _ in done)
+        # Every sampled image has the same token count; the returned codes tell how many.
+        per_image_tokens = next((len(r.codes[0]) for r in results if r.codes), 0)
+        IMAGES_TOTAL.inc(images)
+        IMAGE_TOKENS_TOTAL.inc(images * per_image_tokens)
+        # The token loop serves the whole batch at once (its time is the batch's); later stages run per job.
+        generate = max((r.timings.get(Stage.GENERATE.value, 0.0) for r in results), default=0.0)
+        batch_timings = {Stage.GENERATE.value: generate}
+        for stage in STAGES[1:]:
+            batch_timings[stage] = sum(r.timings.get(stage, 0.0) for r in results)
+        record_stage_timings(batch_timings)
+
+
+class PrometheusJobObserver:
+    """The job store's reports (`app.serving.queue.observer.JobObserver`) as metrics."""
+
+    def job_counts(self, counts: dict[str, int]) -> None:
+        for status, count in counts.items():
+            JOBS.labels(status=status).set(count)
+
+    def job_event(self, name: str) -> None:
+        JOB_EVENTS_TOTAL.labels(event=name).inc()

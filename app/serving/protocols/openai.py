@@ -2,8 +2,8 @@
 
 So that the official `openai` client works with `base_url=http://HOST/openai/v1`. KServe 0.21's OpenAI
 layer has no image generation (and needs vllm), so these are our own routes on the app. A request becomes
-one v1 instance and takes the path every protocol takes (`KandinskyModel.parse` / `enqueue`): the same
-queue, batching, seeds and validation as predict. Errors come in OpenAI's shape,
+one instance of a typed request on the shared Service: the same queue, batching, seeds and validation as
+predict. Errors come in OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, naming OpenAI's parameter where there is one.
 """
 
@@ -12,23 +12,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from kserve.errors import ModelNotReady
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
-from app.engine.jobs import Progress
 from app.engine.params import MAX_TEMPERATURE, SEED_MAX
-from app.serving.errors import RequestInvalid, ServiceError
-from app.serving.model import KandinskyModel
-from app.serving.openapi import Operation, register_operations
-from app.serving.scheduler import Ticket
+from app.serving.core.errors import FieldProblem, RequestInvalid, ServiceError
+from app.serving.core.service import Service
+from app.serving.core.types import Event, Progressed
+from app.serving.protocols.jobs import event_stream
+from app.serving.protocols.routes import Operation, ProtocolContext, Route
+from app.serving.queue.base import Work
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ MODELS_PATH = PREFIX + "/models"
 SIZES = {"256x256": False, "1024x1024": True}
 DEFAULT_SIZE: Literal["1024x1024"] = "1024x1024"
 MAX_PARTIAL_IMAGES = 3
+PROTOCOL = "openai"
 #: Image rows in Kandinsky's grid; partial images come at evenly spaced rows before the last.
 GRID_ROWS = 32
 
@@ -92,6 +92,40 @@ class ImagesResponse(BaseModel):
     output_format: str
 
 
+class ImageGenPartialImageEvent(BaseModel):
+    """The data of an `image_generation.partial_image` event (OpenAI's `ImageGenPartialImageEvent`)."""
+
+    type: Literal["image_generation.partial_image"]
+    b64_json: str = Field(description="A base64 JPEG preview, the rows not yet sampled grey.")
+    created_at: int
+    partial_image_index: int = Field(description="0, 1, ... up to `partial_images` - 1.")
+    background: Literal["opaque"]
+    quality: Literal["auto"]
+    size: Literal["256x256", "1024x1024"]
+    output_format: Literal["jpeg"]
+
+
+class ImageGenCompletedEvent(BaseModel):
+    """The data of an `image_generation.completed` event (OpenAI's `ImageGenCompletedEvent`): per image."""
+
+    type: Literal["image_generation.completed"]
+    b64_json: str
+    created_at: int
+    background: Literal["opaque"]
+    quality: Literal["auto"]
+    size: Literal["256x256", "1024x1024"]
+    output_format: Literal["png", "jpeg", "webp"]
+
+
+#: The streamed answer's events, as `_stream` sends them; `error` (OpenAI's error body) ends a stream whose
+#: generation failed.
+STREAM_EVENTS: dict[str, Any] = {
+    "image_generation.partial_image": ImageGenPartialImageEvent,
+    "image_generation.completed": ImageGenCompletedEvent,
+    "error": OpenAIErrorBody,
+}
+
+
 class ModelObject(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -129,27 +163,26 @@ def _error_response(problem: _Problem, headers: dict[str, str] | None = None) ->
 # Where the v1 schema names a field, the OpenAI parameter that set it.
 _V1_TO_OPENAI = {"query": "prompt", "images_to_cherry_pick": "n", "format": "output_format",
                  "super_res": "size"}
-_V1_FIELD = re.compile(r"^instances\[0\]\.(?:params\.)?([\w.]+)")
 
 
-def _param_of(message: str) -> str | None:
-    match = _V1_FIELD.match(message)
-    if match is None:
+def _param(problem: FieldProblem) -> str | None:
+    """The OpenAI parameter of a problem (`instances[0].params.top_k` -> `top_k`), with its sub-path."""
+    loc = list(problem.loc)
+    if loc[:2] != ["instances", 0] or len(loc) < 3:
         return None
-    name = match.group(1)
-    head = name.split(".", 1)[0]
-    return _V1_TO_OPENAI.get(head, name)
+    rest = loc[3:] if loc[2] == "params" else loc[2:]
+    if not rest:
+        return None
+    head = _V1_TO_OPENAI.get(str(rest[0]), str(rest[0]))
+    return ".".join([head, *(str(p) for p in rest[1:])])
 
 
-def _rename(message: str) -> str:
-    """A v1 schema message in OpenAI's names: `instances[0].params.top_k: ...` -> `top_k: ...`."""
-    param = _param_of(message)
-    if param is None:
-        return message
-    return _V1_FIELD.sub(param, message, count=1)
+def _text(problem: FieldProblem) -> str:
+    param = _param(problem)
+    return problem.text() if param is None else problem.text(lambda _: param)
 
 
-def parse_request(raw: bytes, model: KandinskyModel) -> tuple[ImageGenerationRequest, list[Any]]:
+def parse_request(raw: bytes, service: Service) -> tuple[ImageGenerationRequest, list[Any]]:
     """The body -> (the OpenAI request, the validated v1 instance); _Problem naming the parameter."""
     try:
         payload = json.loads(raw)
@@ -170,8 +203,8 @@ def parse_request(raw: bytes, model: KandinskyModel) -> tuple[ImageGenerationReq
         elif param == "size":
             message = f"size: must be one of {', '.join(SIZES)}"
         raise _Problem(400, message, param) from None
-    if req.model != model.name:
-        raise _Problem(404, f"model: {req.model!r} is not served here (this server serves {model.name!r})",
+    if req.model != service.name:
+        raise _Problem(404, f"model: {req.model!r} is not served here (this server serves {service.name!r})",
                        "model", "model_not_found")
     images_to_gen = req.images_to_gen if req.images_to_gen is not None else req.n
     if images_to_gen < req.n:
@@ -189,17 +222,18 @@ def parse_request(raw: bytes, model: KandinskyModel) -> tuple[ImageGenerationReq
     if req.stream and req.partial_images:
         params["preview_every"] = GRID_ROWS // (req.partial_images + 1)
     try:
-        instances = model.parse({"instances": [{"query": req.prompt, "params": params}]})
+        instances = service.parse({"instances": [{"query": req.prompt, "params": params}]})
     except RequestInvalid as exc:
-        raise _Problem(400, _rename(exc.message), _param_of(exc.message)) from None
+        first = _param(exc.problems[0]) if exc.problems else None
+        raise _Problem(400, exc.named(_text), first) from None
     return req, instances
 
 
-async def _stream(model: KandinskyModel, req: ImageGenerationRequest, ticket: Ticket,
-                  events: asyncio.Queue[tuple[str, Any]]) -> AsyncIterator[ServerSentEvent]:
+async def _stream(service: Service, req: ImageGenerationRequest, work: Work,
+                  events: asyncio.Queue[Event]) -> AsyncIterator[ServerSentEvent]:
     """OpenAI's streaming events: `image_generation.partial_image` up to `partial_images` times, then
     one `image_generation.completed` per image. The generation is cancelled if the client leaves."""
-    results = asyncio.ensure_future(model.results(ticket))
+    results = asyncio.ensure_future(service.result(work))
     common = {"background": "opaque", "quality": "auto", "size": req.size, "output_format": req.output_format}
     sent = 0
     try:
@@ -210,12 +244,12 @@ async def _stream(model: KandinskyModel, req: ImageGenerationRequest, ticket: Ti
                 if not waiter.done():
                     waiter.cancel()
                     continue
-                kind, data = waiter.result()
+                event = waiter.result()
             else:
-                kind, data = events.get_nowait()
-            if kind != "progress":
+                event = events.get_nowait()
+            if not isinstance(event, Progressed):
                 continue
-            progress: Progress | None = data[0]
+            progress = event.instances[0]
             if progress is None or progress.preview is None or progress.step >= progress.steps:
                 continue
             if sent >= req.partial_images:
@@ -226,79 +260,74 @@ async def _stream(model: KandinskyModel, req: ImageGenerationRequest, ticket: Ti
                     "partial_image_index": sent, **common, "output_format": "jpeg"})
             sent += 1
         try:
-            predictions = results.result()
+            result = results.result()
         except ServiceError as exc:
             yield _sse("error", error_body(exc.status, exc.message))
             return
-        for b64 in predictions[0]["images"]:
+        for b64 in result.instances[0].images:
             yield _sse("image_generation.completed", {
                 "type": "image_generation.completed", "b64_json": b64, "created_at": int(time.time()),
                 **common})
     finally:
         if not results.done():
-            results.cancel()  # the client went away: the ticket leaves its batch at the next tick
+            results.cancel()  # the client went away: its work leaves its batch at the next tick
 
 
 def _sse(event: str, data: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, separators=(",", ":")), event=event)
 
 
-def install_openai(app: FastAPI, model: KandinskyModel) -> None:
-    """Add the OpenAI-compatible routes under /openai/v1."""
+def routes(ctx: ProtocolContext) -> list[Route]:
+    """The OpenAI-compatible routes under /openai/v1."""
+    service = ctx.service
     started = int(time.time())
 
     async def generations(request: Request) -> Response:
         try:
-            req, instances = parse_request(await request.body(), model)
+            req, instances = parse_request(await request.body(), service)
+            typed = service.request(instances, PROTOCOL)
             if req.stream:
                 # Queued here, so that a full queue is still a 503 rather than an event.
-                events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-                ticket = model.enqueue(instances, listener=lambda kind, data: events.put_nowait((kind, data)))
-                return EventSourceResponse(
-                    _stream(model, req, ticket, events),
-                    ping=model.settings.keepalive,
-                    ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
-                )
-            predictions = await model.generate(instances)
+                events: asyncio.Queue[Event] = asyncio.Queue()
+                work = service.submit(typed, listener=events.put_nowait)
+                return event_stream(_stream(service, req, work, events), ctx.settings.keepalive)
+            result = await service.generate(typed)
         except _Problem as problem:
             return _error_response(problem)
         except ServiceError as exc:
-            return _error_response(_Problem(exc.status, exc.message), exc.headers())
-        except ModelNotReady:
-            return _error_response(_Problem(503, f"model {model.name} is not ready"), {"Retry-After": "5"})
-        images = predictions[0]["images"]
+            retry = exc.retry_after()
+            headers = {"Retry-After": str(retry)} if retry is not None else None
+            return _error_response(_Problem(exc.status, exc.message), headers)
         body = ImagesResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=b64) for b64 in images],
+            data=[ImageData(b64_json=b64) for b64 in result.instances[0].images],
             size=req.size,
             output_format=req.output_format,
         )
         return JSONResponse(body.model_dump())
 
     async def models() -> dict[str, Any]:
-        served = ModelObject(id=model.name, created=started, owned_by="ai-forever")
+        served = ModelObject(id=ctx.name, created=started, owned_by="ai-forever")
         return ModelList(data=[served]).model_dump()
 
-    app.add_api_route(GENERATIONS_PATH, generations, methods=["POST"], tags=["OpenAI"],
-                      summary="Generate images (OpenAI images API)")
-    app.add_api_route(MODELS_PATH, models, methods=["GET"], tags=["OpenAI"], summary="List models (OpenAI)")
-
-
-register_operations({
-    ("POST", GENERATIONS_PATH): Operation(
-        "Generate images (OpenAI images API)",
-        "OpenAI",
-        ImagesResponse,
-        (400, 404, 408, 413, 500, 503, 504),
-        request=ImageGenerationRequest,
-        error_body=OpenAIErrorBody,
-        description=(
-            "For the official `openai` client with `base_url=http://HOST/openai/v1`. `stream: true` answers "
-            "server-sent events: `image_generation.partial_image` (up to `partial_images`, JPEG previews "
-            "with rows not yet sampled grey), then one `image_generation.completed` per image. Errors: "
-            "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`."
-        ),
-        ok_media=("text/event-stream",),
-    ),
-    ("GET", MODELS_PATH): Operation("List models (OpenAI)", "OpenAI", ModelList),
-})
+    return [
+        Route("POST", GENERATIONS_PATH, handler=generations, protocol=PROTOCOL, error_shape=error_body,
+              doc=Operation(
+                  "Generate images (OpenAI images API)",
+                  "OpenAI",
+                  ImagesResponse,
+                  (400, 404, 408, 413, 500, 503, 504),
+                  request=ImageGenerationRequest,
+                  error_body=OpenAIErrorBody,
+                  description=(
+                      "For the official `openai` client with `base_url=http://HOST/openai/v1`. `stream:"
+                      " true` answers server-sent events: `image_generation.partial_image` (up to "
+                      "`partial_images`, JPEG previews with rows not yet sampled grey), then one "
+                      "`image_generation.completed` per image, or an `error` event if the generation fails. "
+                      "Errors: `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`."
+                  ),
+                  stream_events=STREAM_EVENTS,
+              )),
+        Route("GET", MODELS_PATH, handler=models, error_shape=error_body,
+              doc=Operation("List models (OpenAI)", "OpenAI", ModelList)),
+    ]

@@ -50,8 +50,8 @@ from app.engine.params import (
     ImagePrompt,
 )
 from app.engine.params import GenerationParams as EngineParams
-from app.serving.errors import RequestInvalid
-from app.serving.settings import ServerSettings
+from app.serving.core.errors import FieldProblem, Loc, RequestInvalid
+from app.serving.core.settings import ServerSettings
 
 MAX_QUERY_CHARS = 1000
 MAX_INSTANCES = 16
@@ -426,10 +426,10 @@ class Schema:
                 out[name] = _allowed(name, {**prop, **rules.get(name, {})})
         return out
 
-    def parse(self, payload: Any) -> list[Any]:
+    def parse(self, payload: Any) -> list[Instance]:
         """Validate a decoded (or raw JSON) request body; returns the instances, defaults filled.
 
-        Raises RequestInvalid whose message names every bad field and its allowed range.
+        Raises RequestInvalid whose problems name every bad field and its allowed range.
         """
         if isinstance(payload, bytes | bytearray | str):
             try:
@@ -441,31 +441,27 @@ class Schema:
         try:
             request = self.request.model_validate(payload)
         except ValidationError as exc:
-            raise RequestInvalid(self.describe_errors(exc.errors(include_url=False))) from None
+            raise self.invalid(exc.errors(include_url=False)) from None
         return list(request.instances)
 
-    def describe_errors(self, errors: list[ErrorDetails], limit: int = 5) -> str:
-        parts = [self._describe(e) for e in errors[:limit]]
-        if len(errors) > limit:
-            parts.append(f"... and {len(errors) - limit} more")
-        return "; ".join(parts)
+    def invalid(self, errors: list[ErrorDetails], limit: int = 5) -> RequestInvalid:
+        """pydantic's errors as a RequestInvalid: the first `limit` problems, and how many more."""
+        return RequestInvalid.of([self._describe(e) for e in errors[:limit]], max(0, len(errors) - limit))
 
-    def _describe(self, err: ErrorDetails) -> str:
+    def _describe(self, err: ErrorDetails) -> FieldProblem:
         ctx = err.get("ctx") or {}
-        loc = list(err["loc"])
+        loc: Loc = tuple(err["loc"])
         if "field" in ctx:
-            loc.append(ctx["field"])
+            loc = (*loc, ctx["field"])
         field = str(loc[-1]) if loc and isinstance(loc[-1], str) else ""
-        where = _format_loc(loc)
         problem = _problem(err, ctx)
         kind = err["type"]
         if kind in ("less_than_equal", "less_than") and field in _BOUND_REASONS:
             problem += f" ({_BOUND_REASONS[field]})"
-        if kind == "extra_forbidden":
-            return f"{where}: {problem}"
-        if field in self.allowed and kind != "image_prompt":  # image-prompt reasons say what is allowed
-            return f"{where}: {problem}; allowed: {self.allowed[field]}"
-        return f"{where}: {problem}"
+        allowed = None
+        if kind != "extra_forbidden" and field in self.allowed and kind != "image_prompt":
+            allowed = self.allowed[field]  # image-prompt reasons say what is allowed
+        return FieldProblem(loc, problem, allowed)
 
 
 def build_schema(limits: Limits) -> Schema:
@@ -493,16 +489,6 @@ def _allowed(name: str, prop: dict[str, Any]) -> str:
     if kind == "array":
         return f"a list of {prop['minItems']}..{prop['maxItems']} {prop['items']}{rule}"
     return "an object"
-
-
-def _format_loc(loc: list[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "body"
 
 
 # JSON's names for Python's types; bool before int, since a bool is an int in Python.

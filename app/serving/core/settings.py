@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.serving.logs import LOG_FORMATS
+from app.serving.observability.logs import LOG_FORMATS
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 

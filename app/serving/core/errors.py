@@ -1,0 +1,126 @@
+"""The service's typed errors: each has a status (the HTTP one; gRPC and OpenAI map it) and a message
+for the client that never holds a prompt. Client errors carry structured field paths (`FieldProblem`),
+so that each protocol names the field in its own words (`instances[0].params.top_k`, `inputs.top_k`,
+`top_k`) without rewriting text. The protocols turn these into their wire forms; nothing here knows one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# Seconds a client should wait before retrying a 503 (queue full, not ready, shutting down).
+RETRY_AFTER_S = 5
+
+#: Where a problem is, as a path into the v1 request: ("instances", 0, "params", "top_k"); () = the body.
+Loc = tuple[str | int, ...]
+
+
+def format_loc(loc: Loc) -> str:
+    """`instances[0].params.top_k`; "body" for the empty path."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out or "body"
+
+
+@dataclass(frozen=True)
+class FieldProblem:
+    """One thing wrong with a request: where (a path into the v1 request) and what, with the bound."""
+
+    loc: Loc
+    message: str  # "must be <= 8192 (image vocabulary size)"
+    allowed: str | None = None  # "integer 1..8192": what the field accepts
+
+    def text(self, name: Callable[[Loc], str] = format_loc, *, with_allowed: bool = True) -> str:
+        allowed = f"; allowed: {self.allowed}" if self.allowed and with_allowed else ""
+        return f"{name(self.loc)}: {self.message}{allowed}"
+
+
+class ServiceError(Exception):
+    """An error with a fixed status; `message` goes to the client, so it never holds a prompt."""
+
+    status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def retry_after(self) -> int | None:
+        """Seconds a client should wait before retrying, for the errors that say so."""
+        return None
+
+
+class RequestInvalid(ServiceError):
+    """The request or one of its fields is not acceptable (400). `problems` name the fields (empty for a
+    problem with the body as a whole, whose message says where)."""
+
+    status = 400
+
+    def __init__(self, message: str, problems: Sequence[FieldProblem] = (), more: int = 0) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+        self.more = more  # problems found beyond those listed
+
+    @classmethod
+    def of(cls, problems: Sequence[FieldProblem], more: int = 0) -> RequestInvalid:
+        return cls(_join(problems, more, FieldProblem.text), problems, more)
+
+    def named(self, text: Callable[[FieldProblem], str]) -> str:
+        """The message with every problem told by `text` (in a protocol's names), each problem once."""
+        if not self.problems:
+            return self.message
+        return _join(self.problems, self.more, text)
+
+    @property
+    def first_loc(self) -> Loc | None:
+        return self.problems[0].loc if self.problems else None
+
+
+def _join(problems: Sequence[FieldProblem], more: int, text: Callable[[FieldProblem], str]) -> str:
+    parts = list(dict.fromkeys(text(p) for p in problems))
+    if more:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)
+
+
+class QueueFull(ServiceError):
+    """The bounded request queue is full (503 with Retry-After)."""
+
+    status = 503
+
+    def retry_after(self) -> int | None:
+        return RETRY_AFTER_S
+
+
+class ShuttingDown(QueueFull):
+    """The server stopped taking new work (SIGTERM received)."""
+
+
+class NotReady(QueueFull):
+    """The model is not loaded (yet): 503 with Retry-After."""
+
+
+class DeadlineExceeded(ServiceError):
+    """The request could not be answered within the server's deadline (504)."""
+
+    status = 504
+
+
+class GenerationFailed(ServiceError):
+    """The batch holding this request failed (500); v1 bodies carry `ok: false`."""
+
+    status = 500
+
+
+class NotFound(ServiceError):
+    """No such resource (a job id that is unknown or expired): 404."""
+
+    status = 404
+
+
+class Conflict(ServiceError):
+    """The request conflicts with the resource's state (cancelling a finished job, an idempotency key
+    reused with another body): 409."""
+
+    status = 409

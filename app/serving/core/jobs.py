@@ -1,0 +1,204 @@
+"""Jobs (SPEC section 7): a request that answers at once and is followed by its id. `Jobs` submits the
+request through the `Service` (the same queue, batching, seeds and deadline as predict), turns the work's
+events into the job's record and its typed events, and keeps both in a `JobStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.serving.core.errors import Conflict, NotFound, ServiceError
+from app.serving.core.service import Service
+from app.serving.core.types import (
+    Event,
+    JobEvent,
+    JobEventName,
+    JobRecord,
+    JobStatus,
+    Preview,
+    Progressed,
+    RequestResult,
+    Started,
+    StepProgress,
+    progress_step,
+)
+from app.serving.queue.base import JobStore, Work
+
+log = logging.getLogger(__name__)
+
+
+class Jobs:
+    """Submit, get, list, cancel and follow jobs of one served model."""
+
+    def __init__(self, service: Service, store: JobStore, *, ttl: float) -> None:
+        self.service = service
+        self.store = store
+        self.ttl = ttl  # seconds a finished job is kept, for messages
+        self._work: dict[str, Work] = {}  # job id -> its queued or running work
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def submit(self, payload: Any, idempotency_key: str | None, tenant: str | None = None
+               ) -> tuple[JobRecord, bool]:
+        """Validate and queue a predict body as a job; (the job, whether it is new).
+
+        The same Idempotency-Key with the same body returns the existing job; with another body, 409.
+        """
+        self.store.expire()
+        fingerprint = _fingerprint(payload)
+        if idempotency_key is not None:
+            known = self.store.by_key(idempotency_key, tenant)
+            if known is not None:
+                if known.fingerprint != fingerprint:
+                    raise Conflict(f"Idempotency-Key {idempotency_key!r} was used with another body")
+                return known, False
+        instances = self.service.parse(payload)
+        request = self.service.request(instances, "jobs", tenant)
+        record = JobRecord(
+            id=uuid.uuid4().hex,
+            fingerprint=fingerprint,
+            idempotency_key=idempotency_key,
+            created=round(time.time(), 3),
+            images=[int(job.params.images_to_gen) for job in request.instances],
+            tenant=tenant,
+        )
+        work = self.service.submit(request, listener=lambda event: self._heard(record, event))
+        self._work[record.id] = work
+        self.store.add(record)
+        self._tasks[record.id] = asyncio.ensure_future(self._run(record, work))
+        log.info("job %s queued: %d instance(s), %d image(s)", record.id, len(record.images), request.images)
+        return record, True
+
+    async def _run(self, record: JobRecord, work: Work) -> None:
+        try:
+            result = await self.service.result(work)
+        except asyncio.CancelledError:
+            return  # cancelled: cancel() already recorded it
+        except ServiceError as exc:  # deadline, failed batch, shutdown: the message is for the client
+            self._finish(record, JobStatus.FAILED, error=exc.message)
+        except Exception as exc:  # never lose a job to a bug: it fails with a generic reason
+            log.exception("job %s failed outside the pipeline", record.id)
+            self._finish(record, JobStatus.FAILED, error=f"internal error ({type(exc).__name__})")
+        else:
+            record.step = record.steps or record.step
+            self._finish(record, JobStatus.SUCCEEDED, result=result)
+        finally:
+            self._tasks.pop(record.id, None)
+
+    # ---- what the worker tells (on the event loop) ------------------------------------------------
+
+    def _heard(self, record: JobRecord, event: Event) -> None:
+        if record.done:
+            return
+        if isinstance(event, Started):
+            record.status, record.started = JobStatus.RUNNING, round(time.time(), 3)
+            self.store.save(record)
+            self._publish(record, JobEventName.STATUS, self.snapshot(record))
+        elif isinstance(event, Progressed):
+            self._progress(record, event)
+
+    def _progress(self, record: JobRecord, event: Progressed) -> None:
+        bar = progress_step(event.instances, record.images)
+        if bar is None:
+            return
+        step, record.steps = bar
+        if step > record.step:
+            record.step = step
+            self.store.save(record)
+            self._publish(record, JobEventName.PROGRESS, StepProgress(step, record.steps))
+        for instance, p in enumerate(event.instances):
+            if p is not None and p.preview is not None:
+                self._publish(record, JobEventName.PREVIEW, Preview(p.step, instance, p.preview))
+
+    # ---- queries and cancel -----------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"job {job_id!r} is unknown or expired (finished jobs are kept {self.ttl:g} s)")
+        return record
+
+    def recent(self, limit: int | None = None, tenant: str | None = None) -> list[JobRecord]:
+        return self.store.recent(limit, tenant)
+
+    def position(self, record: JobRecord) -> int | None:
+        """Requests ahead of a queued job (0: next); None once it runs or ended."""
+        work = self._work.get(record.id)
+        if record.status != JobStatus.QUEUED or work is None:
+            return None
+        return self.service.position(work)
+
+    def snapshot(self, record: JobRecord) -> JobRecord:
+        """The record as it is now, with its queue position (status events carry one)."""
+        return dataclasses.replace(record)
+
+    def cancel(self, record: JobRecord) -> None:
+        """Cancel a queued job (it never runs) or a running one (it stops at the next progress tick,
+        its batch partners go on); 409 once it finished."""
+        if record.done:
+            raise Conflict(f"job {record.id} already {record.status.value}")
+        work = self._work.get(record.id)
+        if work is not None:
+            self.service.cancel(work)
+        task = self._tasks.get(record.id)
+        if task is not None:
+            task.cancel()
+        self._finish(record, JobStatus.CANCELLED)
+        log.info("job %s cancelled", record.id)
+
+    def _finish(self, record: JobRecord, status: JobStatus, *, result: RequestResult | None = None,
+                error: str | None = None) -> None:
+        if record.done:
+            return
+        record.status, record.result, record.error = status, result, error
+        record.finished, record.finished_at = round(time.time(), 3), time.monotonic()
+        self._work.pop(record.id, None)
+        self.store.save(record)
+        self._publish(record, JobEventName(status.value), self.final_data(record))
+
+    # ---- events -----------------------------------------------------------------------------------
+
+    def _publish(self, record: JobRecord, name: JobEventName, data: Any) -> None:
+        self.store.publish(record, JobEvent(name, data))
+
+    async def events(self, record: JobRecord, *, owner: bool = False) -> AsyncIterator[JobEvent]:
+        """The job's events: its status now, then its events to the final one.
+
+        `owner`: this stream submitted the job; if its reader goes away first, the job is cancelled.
+        """
+        subscription = self.store.subscribe(record)
+        try:
+            yield JobEvent(JobEventName.STATUS, self.snapshot(record))
+            if record.done:
+                yield JobEvent(JobEventName(record.status.value), self.final_data(record))
+                return
+            async for event in subscription:
+                yield event
+        finally:
+            await subscription.aclose()
+            if owner and not record.done:
+                log.info("job %s: its stream's client went away, cancelling it", record.id)
+                self.cancel(record)
+
+    def final_data(self, record: JobRecord) -> Any:
+        """The final event's data: the result (succeeded), the error text (failed), the record (cancelled)."""
+        if record.status == JobStatus.SUCCEEDED:
+            return record.result
+        if record.status == JobStatus.FAILED:
+            return record.error
+        return self.snapshot(record)
+
+
+def _fingerprint(payload: Any) -> str:
+    try:
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        canonical = repr(payload)
+    return hashlib.sha256(canonical.encode()).hexdigest()

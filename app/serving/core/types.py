@@ -1,0 +1,166 @@
+"""The typed currency of the service: what every protocol produces (`ImageRequest`), what it gets back
+(`RequestResult`), and what it hears while the work runs (`Event`). Plain data, no protocol in sight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from app.engine.jobs import Job, JobResult, Progress
+from app.engine.params import STAGES
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One request of any protocol: its validated instances (query + engine parameters, each with its
+    seed, image prompt and preview cadence), its deadline, and who asks."""
+
+    instances: tuple[Job, ...]
+    timeout_s: float  # the server's deadline, counted from submission
+    protocol: str  # v1, jobs, v2, grpc, openai: for logs and metrics
+    tenant: str | None = None  # the caller's identity, once requests carry one
+
+    @property
+    def images(self) -> int:
+        return sum(int(job.params.images_to_gen) for job in self.instances)
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """One instance's answer: encoded image files (base64, best CLIP score first) and their scores."""
+
+    images: list[str]
+    format: str  # jpeg, png or webp
+    clip_scores: list[float]
+    ppl: list[float]
+    seed: int
+    timings: dict[str, float]  # queue and every stage, in seconds
+
+    @classmethod
+    def of(cls, result: JobResult, fmt: str, queue_seconds: float) -> InstanceResult:
+        timings = {"queue": round(queue_seconds, 4)}
+        timings.update({stage: float(result.timings.get(stage, 0.0)) for stage in STAGES})
+        return cls(
+            images=list(result.images),
+            format=fmt,
+            clip_scores=[float(s) for s in result.clip_scores],
+            ppl=[float(p) for p in result.ppl],
+            seed=int(result.seed),
+            timings=timings,
+        )
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """Every instance's answer, in instance order."""
+
+    instances: list[InstanceResult]
+    queue_seconds: float
+
+
+@dataclass(frozen=True)
+class Started:
+    """The request's batch started."""
+
+
+@dataclass(frozen=True)
+class Progressed:
+    """A decode tick: per instance its progress (None where it has no news), with previews when due."""
+
+    instances: tuple[Progress | None, ...] = field(default_factory=tuple)
+
+
+Event = Started | Progressed
+Listener = Callable[[Event], None]
+
+
+def progress_step(progress: Sequence[Progress | None], weights: Sequence[int]) -> tuple[int, int] | None:
+    """One bar for a request: (step, steps) with the instances' steps weighed by their images."""
+    known = [(p, n) for p, n in zip(progress, weights, strict=True) if p is not None]
+    if not known:
+        return None
+    steps = known[0][0].steps
+    return sum(p.step * n for p, n in known) // sum(n for _, n in known), steps
+
+
+# ---- jobs -----------------------------------------------------------------------------------------
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+
+class JobEventName(StrEnum):
+    """The events of a job's stream (SPEC section 7): `status` first, `progress` and `preview` while it
+    runs, then exactly one final event named after its final status."""
+
+    STATUS = "status"
+    PROGRESS = "progress"
+    PREVIEW = "preview"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self.value in FINAL
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """The data of a `progress` event: image positions sampled so far of `steps` per image."""
+
+    step: int
+    steps: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """The data of a `preview` event: one instance's partial images (base64 JPEG, unsampled rows grey)."""
+
+    step: int
+    instance: int
+    images: list[str]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event of a job's stream: its name and its data (what the stream sends as one JSON line)."""
+
+    name: JobEventName
+    data: Any  # status, cancelled: JobRecord; progress: StepProgress; preview: Preview;
+    # succeeded: RequestResult; failed: the error text
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """A job as the job store keeps it: the request's bookkeeping, never the request's text."""
+
+    id: str
+    fingerprint: str  # of the submitted body, for Idempotency-Key
+    idempotency_key: str | None
+    created: float  # unix time
+    images: list[int]  # images_to_gen per instance, to weigh progress
+    tenant: str | None = None
+    status: JobStatus = JobStatus.QUEUED
+    started: float | None = None
+    finished: float | None = None
+    finished_at: float | None = None  # time.monotonic(), for the TTL
+    step: int = 0
+    steps: int = 0
+    result: RequestResult | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in FINAL

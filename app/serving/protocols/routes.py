@@ -1,0 +1,156 @@
+"""The route table: every route this server answers, declared once by the protocol that owns it.
+
+A `Route` says its method and path, its handler (None: KServe's own app serves it, and we only document
+and count it), the protocol label of `kandinsky_requests_total` (generating routes only), the shape of
+errors the middleware answers on it, the checks the middleware makes of its body before the handler runs,
+and its documentation (`Operation`). The middleware, the metrics labels and the OpenAPI document
+(app/serving/web/openapi.py) all read the same table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.routing import compile_path
+
+from app.serving.core.errors import NotFound
+from app.serving.core.jobs import Jobs
+from app.serving.core.service import Service
+from app.serving.core.settings import ServerSettings
+
+#: A protocol's error body for a status and a message (the middleware's own 400/408/413/415 answers).
+ErrorShape = Callable[[int, str], dict[str, Any]]
+#: A check of a raw request body and its (lower-cased) headers before the handler: a message, or None.
+BodyCheck = Callable[[bytes, dict[str, str]], str | None]
+
+
+def plain_error(status: int, message: str) -> dict[str, Any]:
+    """`{"error": message}`: the v1, jobs and v2 REST error body."""
+    return {"error": message}
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One documented route: the success body (a model, `PREDICTION`, or `METRICS`) and error statuses.
+
+    A route that answers server-sent events declares them in `stream_events`; the document describes its
+    `text/event-stream` answer as the array of the events the stream sends, `{event, data}`, with each
+    event's data schema (app/serving/web/openapi.py).
+    """
+
+    summary: str
+    tag: str
+    ok: Any
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    ok_description: str = "OK"
+    error_descriptions: dict[int, str] = field(default_factory=dict)
+    #: The success status (202 for a submitted job).
+    ok_status: int = 200
+    #: The request body: a pydantic model, or `PREDICT_BODY` (the predict request with the server's bounds).
+    request: Any = None
+    #: Further media types of the success response, each a string (e.g. "text/html"); a server-sent event
+    #: stream is declared with `stream_events` instead.
+    ok_media: tuple[str, ...] = ()
+    #: Further success statuses: status -> (description, body model or None).
+    other_ok: dict[int, tuple[str, Any]] = field(default_factory=dict)
+    #: Query parameters: name -> (JSON schema, description).
+    query: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    #: Response headers of the success status: name -> description.
+    ok_headers: dict[str, str] = field(default_factory=dict)
+    #: The body of every error status, when not ours (`ErrorBody`, `FailureBody` for 500).
+    error_body: Any = None
+    #: The events of the `text/event-stream` answer: event name -> its data (a pydantic model, `PREDICTION`,
+    #: or a JSON schema), each event an `event:` line and a `data:` line of JSON. Empty: no stream.
+    stream_events: dict[str, Any] = field(default_factory=dict)
+    #: The status that answers the stream: `ok_status` (None) or one of `other_ok`.
+    stream_status: int | None = None
+    #: The events of which exactly one ends the stream, if the stream has such an end.
+    stream_final: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.stream_events:
+            if self.stream_status is not None or self.stream_final:
+                raise ValueError(f"{self.summary}: stream_* fields without stream_events")
+            return
+        if self.stream_status not in (None, self.ok_status, *self.other_ok):
+            raise ValueError(f"{self.summary}: stream_status {self.stream_status} is not a success status")
+        undeclared = set(self.stream_final) - set(self.stream_events)
+        if undeclared:
+            raise ValueError(f"{self.summary}: undeclared stream events {sorted(undeclared)}")
+
+
+PREDICTION = "prediction"  # oneOf Prediction / MultiPrediction
+METRICS = "metrics"  # Prometheus text exposition
+HTML = "html"  # a page
+PREDICT_BODY = "predict-body"  # the v1 predict request, validated with this server's limits
+
+@dataclass(frozen=True)
+class Route:
+    """One route, declared once."""
+
+    method: str
+    path: str
+    doc: Operation | None  # None: answered but left out of the API document
+    handler: Callable[..., Any] | None = None  # None: served by KServe's own app
+    protocol: str | None = None  # kandinsky_requests_total{protocol}: generating routes only
+    error_shape: ErrorShape = plain_error
+    json_body: bool = False  # the body must be JSON (415 otherwise) with no duplicate keys (400)
+    body_check: BodyCheck | None = None  # further checks of the raw body (400 naming the place)
+    #: Only for this server's model: a route under /{model_name}/ for another model is KServe's 404.
+    model_scoped: bool = True
+    _pattern: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        regex, _, _ = compile_path(self.path)  # Starlette's own reading of the path template
+        object.__setattr__(self, "_pattern", regex)
+
+    def matches(self, method: str, path: str) -> dict[str, str] | None:
+        """The path parameters when this route answers (method, path), else None."""
+        if method != self.method:
+            return None
+        m = self._pattern.match(path)
+        return m.groupdict() if m else None
+
+
+class RouteTable:
+    """The routes of every protocol, in the order they are installed (the first match answers)."""
+
+    def __init__(self, routes: Iterable[Route] = ()) -> None:
+        self.routes: list[Route] = list(routes)
+
+    def extend(self, routes: Iterable[Route]) -> None:
+        self.routes.extend(routes)
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self.routes)
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self.routes:
+            params = route.matches(method, path)
+            if params is not None:
+                return route, params
+        return None
+
+    def operations(self) -> dict[tuple[str, str], Operation]:
+        """(method, path) -> documentation, for the API document."""
+        return {(r.method, r.path): r.doc for r in self.routes if r.doc is not None}
+
+
+@dataclass(frozen=True)
+class ProtocolContext:
+    """What a protocol's routes are built with: the served model's name, the one Service, the jobs, the
+    settings, and the model card (available once loaded)."""
+
+    name: str
+    service: Service
+    jobs: Jobs
+    settings: ServerSettings
+    card: Callable[[], dict[str, Any]]
+
+    def check_model(self, model_name: str) -> None:
+        """A route under /{model_name}/ for another model: 404 as KServe answers it."""
+        if model_name != self.name:
+            raise NotFound(f"Model with name {model_name} does not exist.")

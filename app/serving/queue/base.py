@@ -1,0 +1,137 @@
+"""The two interfaces between the Service and the work: `WorkQueue` (requests waiting for and running on
+the GPU worker) and `JobStore` (job records, their events and results, idempotency keys, retention).
+
+Today's in-process behaviour is the first implementation of each (`local.LocalQueue`,
+`memory_jobs.MemoryJobStore`); a Redis one (many replicas as one service) implements the same calls.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.serving.core.errors import ServiceError
+from app.serving.core.types import Event, ImageRequest, JobEvent, JobRecord, Listener, RequestResult
+
+
+@dataclass(eq=False)
+class Work:
+    """One request in the queue: what the service submitted and the times that bound it."""
+
+    request: ImageRequest
+    enqueued: float  # time.monotonic()
+    deadline: float  # time.monotonic()
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    cancelled: bool = False  # the requester gave up (deadline, hang-up or cancel)
+
+    @property
+    def images(self) -> int:
+        return self.request.images
+
+
+class WorkQueue(Protocol):
+    """Service side: put, await the outcome, listen, cancel, position, depth, drain.
+    Worker side: take up to N images of queued work without blocking, tell progress, finish or fail."""
+
+    # ---- the service's side -----------------------------------------------------------------------
+
+    def put(self, work: Work, listener: Listener | None = None) -> None:
+        """Queue work; QueueFull or ShuttingDown when it cannot be taken. `listener` hears its events."""
+        ...
+
+    async def outcome(self, work: Work) -> RequestResult:
+        """The work's result once finished; its ServiceError once failed. Does not time out by itself."""
+        ...
+
+    def cancel(self, work: Work) -> None:
+        """Give work up: queued, it leaves the queue at once; running, it stops at its next tick."""
+        ...
+
+    def position(self, work: Work) -> int | None:
+        """Its place in the queue (0: next), None once taken."""
+        ...
+
+    @property
+    def depth(self) -> int: ...
+
+    @property
+    def accepting(self) -> bool: ...
+
+    def begin_drain(self) -> None:
+        """Take no new work; what is queued still runs."""
+        ...
+
+    def close(self, error: ServiceError) -> None:
+        """Fail whatever is still queued with `error` and wake the worker to stop."""
+        ...
+
+    # ---- the worker's side ------------------------------------------------------------------------
+
+    def take(self, max_images: int, *, wait: float = 0.0) -> list[Work]:
+        """Queued work of at most `max_images` images in all (one larger item alone), first in first
+        out; waits up to `wait` seconds for some to arrive (0: never blocks). Expired and cancelled
+        work is dropped on the way (expired work answered DeadlineExceeded)."""
+        ...
+
+    @property
+    def closed(self) -> bool:
+        """The worker should stop once `take` returns nothing."""
+        ...
+
+    def tell(self, work: Work, event: Event) -> None:
+        """Pass a progress event to the work's listener."""
+        ...
+
+    def finish(self, work: Work, result: RequestResult) -> None: ...
+
+    def fail(self, work: Work, error: ServiceError) -> None: ...
+
+
+class Subscription(Protocol):
+    """A job's events up to its final one; `aclose()` (or reading the final event) unsubscribes."""
+
+    def __aiter__(self) -> Subscription: ...
+
+    async def __anext__(self) -> JobEvent: ...
+
+    async def aclose(self) -> None: ...
+
+
+class JobStore(Protocol):
+    """Job records, their events, results and idempotency keys, bounded by the store's retention."""
+
+    def add(self, record: JobRecord) -> None: ...
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The record, or None when unknown or expired."""
+        ...
+
+    def by_key(self, key: str, tenant: str | None = None) -> JobRecord | None:
+        """The job an Idempotency-Key names (per tenant), or None."""
+        ...
+
+    def recent(self, limit: int | None = None, tenant: str | None = None) -> list[JobRecord]:
+        """The most recent jobs, newest first."""
+        ...
+
+    def save(self, record: JobRecord) -> None:
+        """Record a change of the job's status, progress or result."""
+        ...
+
+    def publish(self, record: JobRecord, event: JobEvent) -> None:
+        """Send an event to the job's current subscribers."""
+        ...
+
+    def subscribe(self, record: JobRecord) -> Subscription:
+        """The job's events from now on, ending after the final one; the caller sends the current status
+        first. Closing the iterator unsubscribes."""
+        ...
+
+    def expire(self) -> None:
+        """Apply retention now (the TTL and the count bound)."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Jobs held, by status."""
+        ...

@@ -1,0 +1,149 @@
+"""The one GPU worker thread: it takes queued work, merges it into one `Pipeline.run` call of at most
+`max_batch_images` images (a single larger request still runs alone: the pipeline chunks it), tells each
+request its progress at every tick, stops the requests whose requester gave up, and finishes or fails
+each request from its jobs' outcomes. A failed batch fails only its own requests; the worker carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol
+
+from app.engine.jobs import JobFailed, Progress
+from app.serving.core.errors import GenerationFailed, ShuttingDown
+from app.serving.core.types import InstanceResult, Progressed, RequestResult, Started
+from app.serving.queue.base import Work, WorkQueue
+from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
+
+log = logging.getLogger(__name__)
+
+#: How long the worker waits for work before looking at its stop flag again.
+IDLE_WAIT_S = 0.25
+
+
+class BatchRunner(Protocol):
+    """What the worker needs of `app.engine.pipeline.Pipeline`."""
+
+    max_batch_images: int
+
+    def run(
+        self,
+        jobs: Sequence[Any],
+        on_step: Callable[[Sequence[Progress | None]], Collection[int] | None] | None = None,
+    ) -> list[Any]:
+        """One outcome per job; None for a job that `on_step` asked to stop."""
+        ...
+
+
+class BatchWorker:
+    """Feeds the pipeline from a `WorkQueue` on its own thread."""
+
+    def __init__(self, pipeline: BatchRunner, queue: WorkQueue, *, max_batch_images: int | None = None,
+                 observer: QueueObserver = NULL_OBSERVER) -> None:
+        self.pipeline = pipeline
+        self.queue = queue
+        self.max_batch_images = max(1, int(max_batch_images or pipeline.max_batch_images))
+        self.observer = observer
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        # Daemon: a batch stuck on the GPU must not keep a terminating pod alive past its grace period.
+        self._thread = threading.Thread(target=self._loop, name="kandinsky-gpu-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop intake, finish what is queued for up to `timeout` s, fail what is left, join."""
+        self.queue.begin_drain()
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
+        if self._thread is not None and self._thread.is_alive():
+            log.warning("worker: a batch was still running after %.0f s; not waiting for it", timeout)
+
+    # ---- the thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch: list[Work] = []
+            try:
+                batch = self.queue.take(self.max_batch_images, wait=IDLE_WAIT_S)
+                if not batch:
+                    if self._stopping or self.queue.closed:
+                        return
+                    continue
+                self._run_batch(batch)
+            except Exception:  # the worker must never die, and never leave a request unanswered
+                log.exception("worker: unexpected error in the worker loop")
+                for work in batch:
+                    self.queue.fail(work, GenerationFailed("internal error in the scheduler; retry"))
+
+    def _run_batch(self, batch: list[Work]) -> None:
+        started = time.monotonic()
+        jobs = [job for work in batch for job in work.request.instances]
+        images = sum(work.images for work in batch)
+        for work in batch:
+            self.queue.tell(work, Started())
+        self.observer.batch_started([started - work.enqueued for work in batch], images)
+        log.info("batch: %d request(s), %d job(s), %d image(s)", len(batch), len(jobs), images)
+        outcomes = self._run_pipeline(batch, jobs, images)
+        try:
+            self.observer.batch_done(jobs, outcomes)
+        except Exception:  # metrics must never cost a request its answer
+            log.exception("worker: could not record batch metrics")
+        offset = 0
+        for work in batch:
+            mine = outcomes[offset : offset + len(work.request.instances)]
+            offset += len(work.request.instances)
+            failed = next((o for o in mine if isinstance(o, JobFailed)), None)
+            if failed is not None:
+                self.queue.fail(work, GenerationFailed(failed.message))
+            elif any(o is None for o in mine):
+                # Stopped at a progress tick: its requester had gone and was answered already.
+                log.info("request of %d image(s) stopped: its requester gave up", work.images)
+            else:
+                wait = started - work.enqueued
+                results = [InstanceResult.of(o, job.params.format, wait)
+                           for o, job in zip(mine, work.request.instances, strict=True)]
+                self.queue.finish(work, RequestResult(results, queue_seconds=wait))
+
+    def _run_pipeline(self, batch: list[Work], jobs: list[Any], images: int) -> list[Any]:
+        """One outcome per job (see `app.engine.jobs.Outcome`); the engine owns retries and memory.
+
+        Anything the pipeline raises anyway is a bug: every job of the batch fails, the worker goes on.
+        """
+        owner = [work for work in batch for _ in work.request.instances]  # job index -> its work
+
+        def on_step(progress: Sequence[Progress | None]) -> list[int]:
+            # At each tick: every request hears its jobs' progress, and the jobs whose requester gave up
+            # (deadline, hang-up, cancel) leave the batch; their partners go on.
+            offset = 0
+            for work in batch:
+                mine = tuple(progress[offset : offset + len(work.request.instances)])
+                offset += len(work.request.instances)
+                if not work.cancelled and any(p is not None for p in mine):
+                    self.queue.tell(work, Progressed(mine))
+            return [n for n, work in enumerate(owner) if work.cancelled]
+
+        try:
+            outcomes = list(self.pipeline.run(jobs, on_step=on_step))
+            if len(outcomes) != len(jobs):
+                raise RuntimeError(f"pipeline returned {len(outcomes)} outcomes for {len(jobs)} jobs")
+            for n, outcome in enumerate(outcomes):
+                if outcome is None and not owner[n].cancelled:
+                    raise RuntimeError(f"pipeline stopped job {n}, whose requester still waits")
+        except Exception:
+            log.exception("batch of %d request(s), %d image(s): the pipeline failed", len(batch), images)
+            failed = JobFailed("internal error while generating; the server keeps serving, retry the request")
+            return [failed] * len(jobs)
+        return outcomes
