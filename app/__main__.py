@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for setting in dataclasses.fields(ServerSettings):
         options: dict[str, Any] = {"default": setting.default, **setting.metadata}  # help, choices
-        if not isinstance(setting.default, str):
+        if not isinstance(setting.default, str | bool):
             options["type"] = type(setting.default)
         parser.add_argument(f"--{setting.name}", **options)
     return parser

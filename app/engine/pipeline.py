@@ -125,8 +125,13 @@ class Pipeline:
         device: str = "cpu",
         dtype: str | torch.dtype | None = None,
         max_batch_images: int | None = None,
+        batch_invariant: bool = True,
     ) -> Pipeline:
-        """Load and place every component of `model_dir`; raises store.ModelStoreError naming the bad file."""
+        """Load and place every component of `model_dir`; raises store.ModelStoreError naming the bad file.
+
+        `batch_invariant`: a seed's images do not depend on what shares its batch (see
+        app/engine/nets/decoding.py); off, small batches decode a little faster and may differ in bits.
+        """
         t0 = time.perf_counter()
         manifest = store.load_manifest(model_dir)
         store.check_files_present(manifest)
@@ -144,6 +149,7 @@ class Pipeline:
             windowed=True,
             microbatches=len(plan.stages) if len(plan.stages) > 1 else 1,
             capture_graphs=on_cuda,
+            batch_invariant=batch_invariant,
         )
         # The decoders are small next to the transformer: keep them in fp32, as upstream runs them, so
         # pixels match the reference exactly (bf16 VQ-GAN decoding is off by up to 9 levels).

@@ -52,7 +52,8 @@ class KandinskyModel(kserve.Model):
             return self.ready
         s = self.settings
         self.pipeline = Pipeline.load(
-            s.model_dir, device=s.device, dtype=s.dtype, max_batch_images=s.max_batch_images or None
+            s.model_dir, device=s.device, dtype=s.dtype, max_batch_images=s.max_batch_images or None,
+            batch_invariant=s.batch_invariant,
         )
         self.attach(self.pipeline)
         return self.ready

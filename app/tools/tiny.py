@@ -250,8 +250,14 @@ def build_tiny_model_dir(
     bpe_vocab_size: int = 256,
     image_vocab_size: int = 64,
     name: str = "tiny",
+    num_layers: int | None = None,
+    hidden_size: int | None = None,
 ) -> Path:
-    """Write the tiny model directory at ``path`` and return it (overwrites the files it writes)."""
+    """Write the tiny model directory at ``path`` and return it (overwrites the files it writes).
+
+    ``num_layers``, ``hidden_size`` and ``image_vocab_size`` make a wider generated model in the same
+    formats (e.g. 8 layers, hidden 256 and Kandinsky's 8192 codes, for batching and invariance checks).
+    """
     started = time.perf_counter()
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -262,6 +268,8 @@ def build_tiny_model_dir(
     dalle_block: dict[str, Any] = {
         "checkpoint": FILES["dalle"],
         **TINY_DALLE,
+        **({"num_layers": num_layers} if num_layers else {}),
+        **({"hidden_size": hidden_size} if hidden_size else {}),
         "vocab_size": bpe_vocab + TEXT_SEQ_LENGTH,  # BPE ids, then one pad id per position
         "image_vocab_size": image_vocab_size,
         "hf_version": hf_version,
@@ -321,9 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", nargs="?", default=str(DEFAULT_DIR), help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-version", choices=("v2", "v3"), default="v3")
+    parser.add_argument("--layers", type=int, default=None, help="transformer layers (default 4)")
+    parser.add_argument("--hidden", type=int, default=None, help="hidden size (default 64)")
+    parser.add_argument("--image-vocab", type=int, default=64, help="image codes (Kandinsky: 8192)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_tiny_model_dir(args.path, args.seed, hf_version=args.hf_version)
+    build_tiny_model_dir(args.path, args.seed, hf_version=args.hf_version, image_vocab_size=args.image_vocab,
+                         num_layers=args.layers, hidden_size=args.hidden)
     return 0
 
 

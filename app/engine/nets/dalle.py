@@ -201,6 +201,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def floor_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 min_rows: int) -> torch.Tensor:
+    """``F.linear`` run as a product of at least ``min_rows`` rows (zero rows appended, then dropped).
+
+    BLAS libraries pick a kernel by the product's shape, and kernels for few rows round differently
+    (MKL: every row count below 16); with a floor, a row's bits do not depend on how many rows it shares
+    the product with. x [..., in] -> [..., out].
+    """
+    rows = x.numel() // x.shape[-1]
+    if rows >= min_rows:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])  # [rows, in]
+    padded = torch.cat((flat, flat.new_zeros(min_rows - rows, flat.shape[-1])))  # [min_rows, in]
+    return F.linear(padded, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+
+
+class FloorLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and names) whose products have at least ``min_rows`` rows."""
+
+    min_rows = 0  # set per instance by DalleModel.set_min_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return floor_linear(x, self.weight, self.bias, self.min_rows)
+
+
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
@@ -214,8 +239,8 @@ class DalleSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query_key_value = FloorLinear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = FloorLinear(cfg.hidden_size, cfg.hidden_size)
         # Set by DalleModel.setup_caches, dropped by release_caches (buffers not in the state dict).
         self.kv_cache: KVCache | None = None
 
@@ -223,8 +248,8 @@ class DalleSelfAttention(nn.Module):
 class DalleMLP(nn.Module):
     def __init__(self, cfg: DalleConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size)
-        self.dense_4h_to_h = nn.Linear(4 * cfg.hidden_size, cfg.hidden_size)
+        self.dense_h_to_4h = FloorLinear(cfg.hidden_size, 4 * cfg.hidden_size)
+        self.dense_4h_to_h = FloorLinear(4 * cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(gelu(self.dense_h_to_4h(x)))
@@ -285,13 +310,13 @@ class DalleLayer(nn.Module):
         return self.mlp_block(x)
 
     def forward_cached(self, x: torch.Tensor, pos: int | torch.Tensor,
-                       rows: slice | torch.Tensor) -> torch.Tensor:
+                       rows: slice | torch.Tensor, start: int = 0) -> torch.Tensor:
         """x [Bg, T, h] at positions pos.. (``KVCache.update`` tells ``pos`` and ``rows``) -> [Bg', T, h]."""
         cache = self.attention.kv_cache
         if cache is None:
             raise RuntimeError("no KV cache: call DalleModel.setup_caches first")
         q, k, v = self.qkv(self.input_layernorm(x))  # each [Bg, nh, T, hd]
-        keys, values, mask = cache.update(pos, k, v, rows)  # [Bg, nh, S', hd] x2, [T, S']
+        keys, values, mask = cache.update(pos, k, v, rows, start)  # [Bg, nh, S', hd] x2, [T, S']
         x = x + self.attn_out(attention(q, keys, values, mask))
         return self.mlp_block(x)
 
@@ -325,7 +350,9 @@ class DalleModel(nn.Module):
         self.text_pos_embeddings = nn.Embedding(cfg.text_seq_length + 1, h)
         self.image_row_embeddings = nn.Embedding(cfg.image_tokens_per_dim, h)
         self.image_col_embeddings = nn.Embedding(cfg.image_tokens_per_dim, h)
-        self.to_logits = nn.Sequential(nn.LayerNorm(h, eps=LAYERNORM_EPS), nn.Linear(h, cfg.total_vocab_size))
+        self.to_logits = nn.Sequential(
+            nn.LayerNorm(h, eps=LAYERNORM_EPS), FloorLinear(h, cfg.total_vocab_size)
+        )
         self.transformer = DalleTransformer(cfg)
         self._masks: dict[tuple[MaskKind, torch.device], torch.Tensor] = {}
         # Per (kind, windowed, device): mask/slot tables and their device-position lookups, shared by caches.
@@ -336,6 +363,12 @@ class DalleModel(nn.Module):
         self.cache_rows = 0
         self.cache_windowed = False
         self.cache_generation = 0
+
+    def set_min_rows(self, rows: int) -> None:
+        """Every linear product of the model runs with at least ``rows`` rows (0: as given)."""
+        for module in self.modules():
+            if isinstance(module, FloorLinear):
+                module.min_rows = rows
 
     def layer_mask(self, layer: int, device: torch.device | str) -> torch.Tensor:
         """Layer ``layer``'s full bool mask [total_seq_length, total_seq_length] on ``device`` (cached).
@@ -419,15 +452,15 @@ class DalleModel(nn.Module):
 
     # ------------------------------------------------------------------------------- cached decoding
 
-    def prefill(self, text_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Run texts [R, text_seq_length] once; cache row b gets text ``rows[b]``'s keys and values.
+    def prefill(self, text_ids: torch.Tensor, rows: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run texts [R, text_seq_length] once; cache row start + b gets text ``rows[b]``'s keys and values.
 
         rows: [B] long, indices into the texts. Returns the logits of image token 0, [B, iv] float32.
         """
         x = self.embed_text(text_ids)  # [R, n_text, h]
         for layer in self.blocks:
             dev = _device_of(layer)
-            x = layer.forward_cached(_to(x, dev), 0, _to(rows, dev))  # [R, n_text, h]
+            x = layer.forward_cached(_to(x, dev), 0, _to(rows, dev), start)  # [R, n_text, h]
         logits = self.image_logits(x[:, -1])  # [R, iv]
         return logits.index_select(0, _to(rows, logits.device))
 
@@ -461,8 +494,8 @@ class DalleModel(nn.Module):
         x = self.transformer.final_layernorm(_to(hidden, _device_of(self.transformer.final_layernorm)))
         x = self.to_logits[0](_to(x, _device_of(self.to_logits)))
         proj = self.to_logits[1]
-        assert isinstance(proj, nn.Linear)
-        return F.linear(x, proj.weight[-iv:], proj.bias[-iv:]).float()  # [..., iv]
+        assert isinstance(proj, FloorLinear)
+        return floor_linear(x, proj.weight[-iv:], proj.bias[-iv:], proj.min_rows).float()  # [..., iv]
 
     def step(self, tokens: torch.Tensor, pos: int | torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Feed image tokens [Bg] at sequence position ``pos`` into cache rows ``rows``; returns the

@@ -16,7 +16,14 @@ Sequence positions: image token j sits at position ``n_text + j`` and is sampled
 position ``n_text + j - 1`` (token 0 from the last text position). The last token is never fed back.
 
 Randomness is one uniform per (image, step), drawn on the CPU from the request's seed, so an image's
-tokens do not depend on which other rows share its batch, chunk or micro-batch.
+tokens do not depend on which other rows share its batch, chunk or micro-batch. Batch invariance: a
+matrix product's row is computed by a kernel the library picks by the product's shape, and kernels of
+different row counts round differently (MKL: every row count below 16 differs; cuBLAS and flash attention
+pick tiles, split-K and split-KV by shape). With ``batch_invariant`` (the default) each text is prefilled
+alone, and on the CPU every linear product runs with at least ``INVARIANT_MIN_ROWS`` rows (attention,
+norms and sampling are per row there, measured), while on CUDA the whole step runs the chunk's capacity
+of rows (``pad_steps``: padding rows decode along and are dropped), so a row's bits do not depend on its
+partners, its place in the batch, or partners leaving.
 """
 
 from __future__ import annotations
@@ -31,9 +38,14 @@ import torch.nn.functional as F
 
 from app.engine.nets.checks import positive_int
 from app.engine.nets.dalle import DalleModel, row_mask_is_window
+from app.engine.nets.sampling import request_uniforms, sample_tokens
 from app.engine.params import SEED_MAX
 
 log = logging.getLogger(__name__)
+
+#: The fewest rows of a linear product on the CPU: MKL gives every row the same bits in products of 16
+#: rows or more (measured at every width of the model, 1 and 2 threads), and other bits below.
+INVARIANT_MIN_ROWS = 16
 
 
 @dataclass
@@ -78,70 +90,6 @@ class GenerationRequest:
 class GenerationOutput:
     codes: torch.Tensor  # [num_images, image_seq_length] long, CPU
     ppl: torch.Tensor  # [num_images] float32, CPU
-
-
-def request_uniforms(seed: int, num_images: int, image_seq_length: int) -> torch.Tensor:
-    """The uniforms of one request, [num_images, image_seq_length] float32 on the CPU.
-
-    Image i's token at step s is drawn with ``u[i, s]``; this is the whole definition of a seed.
-    """
-    gen = torch.Generator("cpu").manual_seed(seed)
-    return torch.rand(num_images, image_seq_length, generator=gen)
-
-
-def _filter_sorted(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Temperature, top-k (ties kept), then HF-classic top-p, all per row, in sorted order.
-
-    logits [B, V] float32; temperature [B] float; top_k [B] long in 1..V; top_p [B] float in (0, 1].
-    Returns (filtered logits sorted descending with removed entries at -inf [B, V], their token ids [B, V]).
-    The kept tokens are always a non-empty prefix of the sorted order. The sort is stable, so ties are
-    ordered by token id and the first entry is the argmax.
-    """
-    x = logits / temperature[:, None]  # [B, V]
-    sorted_x, ids = torch.sort(x, dim=-1, descending=True, stable=True)  # [B, V] each
-    kth = sorted_x.gather(1, (top_k - 1)[:, None])  # [B, 1]
-    # Everything below the k-th largest goes; values equal to it stay (HF keeps ties).
-    sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)
-    cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-    over = (cum > top_p[:, None]) & (top_p[:, None] < 1.0)  # HF applies top-p only when top_p < 1
-    # Shift right: the first token that crosses top_p is kept, and so always at least one token.
-    remove = torch.cat((torch.zeros_like(over[:, :1]), over[:, :-1]), dim=1)  # [B, V]
-    return sorted_x.masked_fill(remove, -math.inf), ids
-
-
-def filter_logits(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
-    """``logits / temperature`` with the tokens removed by top-k then top-p set to -inf, [B, V] float32.
-
-    The same filtering ``sample_tokens`` applies (HF's classic ``top_k_top_p_filtering``, per row).
-    """
-    sorted_x, ids = _filter_sorted(logits.float(), temperature, top_k, top_p)
-    return torch.full_like(sorted_x, -math.inf).scatter(1, ids, sorted_x)
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    u: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling of the filtered distribution, [B] long.
-
-    logits [B, V]; u [B] uniforms in [0, 1). The CDF runs over the kept tokens in descending logit
-    order (ties by token id). Rows with top_k == 1 take the argmax exactly. No host sync.
-    """
-    sorted_x, ids = _filter_sorted(logits.float(), temperature, top_k, top_p)  # [B, V] each
-    cdf = sorted_x.softmax(dim=-1).cumsum(dim=-1)  # [B, V]
-    kept = (sorted_x > -math.inf).sum(dim=-1)  # [B], >= 1
-    pick = torch.searchsorted(cdf, u[:, None].to(cdf.dtype).contiguous(), right=True)[:, 0]  # [B]
-    # Rounding can leave the last cumulative value below u: fall back to the last kept token.
-    pick = torch.minimum(pick, kept - 1)
-    tokens = ids.gather(1, pick[:, None])[:, 0]  # [B]
-    return torch.where(top_k == 1, ids[:, 0], tokens)
 
 
 @dataclass
@@ -210,7 +158,8 @@ class ImageTokenDecoder:
     ``max_batch_images`` bounds the rows decoded together (a chunk); ``windowed`` keeps only a ring
     of the last ``row_window`` positions for row-mask layers; ``microbatches`` splits a chunk into
     groups advanced in lockstep so that layers on different GPUs work on different groups at once;
-    ``capture_graphs`` records each segment of the one-token step as a CUDA graph (ignored without CUDA).
+    ``capture_graphs`` records each segment of the one-token step as a CUDA graph (ignored without CUDA);
+    ``batch_invariant`` pads every step to a fixed row count (see the module's docstring).
     """
 
     #: ``on_step`` is called once per this many decode steps (and after the last one); None: once per
@@ -220,10 +169,11 @@ class ImageTokenDecoder:
     max_graphs = 64
 
     def __init__(self, model: DalleModel, max_batch_images: int, *, windowed: bool = True,
-                 microbatches: int = 1, capture_graphs: bool = False) -> None:
+                 microbatches: int = 1, capture_graphs: bool = False, batch_invariant: bool = True) -> None:
         positive_int(max_batch_images, "max_batch_images")
         positive_int(microbatches, "microbatches")
         self.model = model
+        self.batch_invariant = batch_invariant
         self.cfg = cfg = model.cfg
         self.max_batch_images = max_batch_images
         self.microbatches = microbatches
@@ -236,6 +186,8 @@ class ImageTokenDecoder:
         self.head_device = _device_of(model.to_logits)
         self.layer_devices = [_device_of(layer) for layer in model.transformer.layers]
         self.segments = self._plan_segments()
+        #: Pad every step to the chunk's capacity (batch invariant on CUDA; tests set it on the CPU).
+        self.pad_steps = batch_invariant and self.head_device.type == "cuda"
 
         devices = {self.embed_device, self.head_device, *self.layer_devices}
         self.capture_graphs = capture_graphs and all(d.type == "cuda" for d in devices)
@@ -342,6 +294,8 @@ class ImageTokenDecoder:
             positive_int(max_rows, "max_rows")
         if not requests:
             return []
+        on_cpu = self.head_device.type != "cuda"
+        self.model.set_min_rows(INVARIANT_MIN_ROWS if self.batch_invariant and on_cpu else 0)
         chunk_rows = min(self.max_batch_images, max_rows or self.max_batch_images)
         seq = self.cfg.image_seq_length
         # One row per image: (request index, image index), in request order.
@@ -350,7 +304,7 @@ class ImageTokenDecoder:
         codes_out = [torch.empty(req.num_images, seq, dtype=torch.long) for req in requests]
         ppl_out = [torch.empty(req.num_images, dtype=torch.float32) for req in requests]
         stopped: set[int] = set()
-        self._ensure_caches(min(chunk_rows, len(rows)))
+        self._ensure_caches(self.step_rows(min(chunk_rows, len(rows)), chunk_rows))
 
         steps_done = 0
         finished = [0] * len(requests)  # per request: positions sampled in chunks already done
@@ -381,7 +335,7 @@ class ImageTokenDecoder:
                 stopped.update(on_step(Tick(steps_before + steps, done, partial)) or ())
                 return stopped
 
-            done_rows, codes, ppl = self._decode_chunk(requests, chunk, uniforms, tick)
+            done_rows, codes, ppl = self._decode_chunk(requests, chunk, uniforms, tick, chunk_rows)
             steps_done += seq
             for k, (r, i) in enumerate(done_rows):
                 codes_out[r][i] = codes[k]
@@ -394,32 +348,33 @@ class ImageTokenDecoder:
     def _decode_chunk(self, requests: Sequence[GenerationRequest], chunk: list[tuple[int, int]],
                       uniforms: list[torch.Tensor],
                       tick: Callable[[int, list[tuple[int, int]], torch.Tensor], set[int]],
-                      ) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+                      capacity: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
         """Decode the rows of one chunk: the rows that ran to the end (those of requests that ``tick``
         stopped leave early), their codes [B, image_seq_length] and ppl [B] on the CPU.
+
+        The step runs ``step_rows`` rows: the chunk's, then padding rows (copies of its first row's
+        parameters, whose outputs are dropped). ``slot[k]`` is the step row of ``chunk[k]``.
         """
         seq, head = self.cfg.image_seq_length, self.head_device
         b = len(chunk)
-        req_ids = sorted({r for r, _ in chunk})
-        local = {r: n for n, r in enumerate(req_ids)}
-        row_req = torch.tensor([local[r] for r, _ in chunk])  # [B], index into this chunk's requests
-
-        text = torch.stack([requests[r].text_ids.long() for r in req_ids])  # [R, text_seq_length]
-        first_logits = self.model.prefill(text, row_req)  # [B, iv] fp32 on head
-        u = torch.stack([uniforms[r][i] for r, i in chunk], dim=1)  # [steps, B], a step's row contiguous
+        p = self.step_rows(b, capacity)
+        padded = chunk + [chunk[0]] * (p - b)  # per step row: its (request, image)
+        first_logits = self._prefill(requests, chunk, p)  # [P, iv] fp32 on head
+        u = torch.stack([uniforms[r][i] for r, i in padded], dim=1)  # [steps, P], a step's row contiguous
         u = u.to(head)
-        temperature = torch.tensor([requests[r].sampling.temperature for r, _ in chunk],
+        temperature = torch.tensor([requests[r].sampling.temperature for r, _ in padded],
                                    dtype=torch.float32).to(head)
-        top_k = torch.tensor([requests[r].sampling.top_k for r, _ in chunk]).to(head)
-        top_p = torch.tensor([requests[r].sampling.top_p for r, _ in chunk], dtype=torch.float32).to(head)
-        # [steps, B]: the forced code at each position of each row, -1 where the row samples.
-        forced = torch.stack([_forced_of(requests[r], seq) for r, _ in chunk], dim=1).to(head)
+        top_k = torch.tensor([requests[r].sampling.top_k for r, _ in padded]).to(head)
+        top_p = torch.tensor([requests[r].sampling.top_p for r, _ in padded], dtype=torch.float32).to(head)
+        # [steps, P]: the forced code at each position of each row, -1 where the row samples.
+        forced = torch.stack([_forced_of(requests[r], seq) for r, _ in padded], dim=1).to(head)
         any_forced = any(requests[r].forced is not None for r, _ in chunk)
 
-        codes = torch.empty(seq, b, dtype=torch.long, device=head)  # [steps, B]
-        ppl_sum = torch.zeros(b, dtype=torch.float32, device=head)
-        ppl_count = torch.zeros(b, dtype=torch.float32, device=head)
-        groups = self._groups(b)
+        codes = torch.empty(seq, p, dtype=torch.long, device=head)  # [steps, P]
+        ppl_sum = torch.zeros(p, dtype=torch.float32, device=head)
+        ppl_count = torch.zeros(p, dtype=torch.float32, device=head)
+        slot = list(range(b))
+        groups = self._groups(p)
         logits = [first_logits[g.r0 : g.r1] for g in groups]  # per group [Bg, iv] fp32
         every = self.progress_every or self.cfg.image_tokens_per_dim
 
@@ -443,34 +398,67 @@ class ImageTokenDecoder:
                 if step + 1 < seq:
                     logits[n] = self._forward_token(g, tok, self.n_text + step)
             if (step + 1) % every == 0 or step + 1 == seq:
-                stopped = tick(step + 1, chunk, codes)
+                stopped = tick(step + 1, chunk, codes[:, slot])
                 keep = [k for k, (r, _) in enumerate(chunk) if r not in stopped]
                 if len(keep) < len(chunk):
+                    chunk, slot = [chunk[k] for k in keep], [slot[k] for k in keep]
                     if not keep or step + 1 == seq:
-                        chunk = [chunk[k] for k in keep]
-                        codes, ppl_sum, ppl_count = codes[:, keep], ppl_sum[keep], ppl_count[keep]
                         break
-                    # Move the surviving rows to the front of the caches and of every per-row tensor.
-                    # Each row's randomness is its own, so the survivors' codes do not change.
-                    idx = torch.tensor(keep)
-                    self.model.compact_caches(idx, len(chunk))
+                    q = self.step_rows(len(keep), capacity)
+                    if q == p:
+                        continue  # the same step shape: stopped rows decode along as padding
+                    # Fewer step rows: the survivors and enough padding move to the front of the caches
+                    # and of every per-row tensor. Each row's randomness is its own: codes do not change.
+                    live = set(slot)
+                    idx = torch.tensor(slot + [k for k in range(p) if k not in live][: q - len(slot)])
+                    self.model.compact_caches(idx, p)
                     head_idx = idx.to(head)
-                    all_logits = torch.cat(logits).index_select(0, head_idx)  # [B', iv]
+                    all_logits = torch.cat(logits).index_select(0, head_idx)  # [Q, iv]
                     u, codes, forced = u[:, head_idx], codes[:, head_idx], forced[:, head_idx]
                     temperature, top_k, top_p = temperature[head_idx], top_k[head_idx], top_p[head_idx]
                     ppl_sum, ppl_count = ppl_sum[head_idx], ppl_count[head_idx]
-                    chunk = [chunk[k] for k in keep]
-                    groups = self._groups(len(chunk))
+                    p, slot = q, list(range(len(chunk)))
+                    groups = self._groups(p)
                     logits = [all_logits[g.r0 : g.r1] for g in groups]
 
         # A row whose every CE was exactly zero was certain throughout: its ppl is exp(0) = 1.
         ppl = torch.where(ppl_count > 0, ppl_sum / ppl_count.clamp(min=1), torch.ones_like(ppl_sum))
-        return chunk, codes.t().cpu(), ppl.cpu()
+        return chunk, codes[:, slot].t().cpu(), ppl[slot].cpu()
+
+    def _prefill(self, requests: Sequence[GenerationRequest], chunk: list[tuple[int, int]], p: int
+                 ) -> torch.Tensor:
+        """Prefill the chunk's texts into cache rows 0.. (a request's rows are consecutive): the first
+        image logits of every step row, [P, iv] fp32 (padding rows: the first row's). Batch invariant:
+        each text alone, so its products have one shape whatever shares the chunk."""
+        req_ids = sorted({r for r, _ in chunk})
+        if not self.batch_invariant:
+            local = {r: n for n, r in enumerate(req_ids)}
+            row_req = torch.tensor([local[r] for r, _ in chunk])  # [B], index into this chunk's requests
+            text = torch.stack([requests[r].text_ids.long() for r in req_ids])  # [R, text_seq_length]
+            first = self.model.prefill(text, row_req)  # [B, iv]
+        else:
+            parts, start = [], 0
+            for r in req_ids:
+                n = sum(1 for rr, _ in chunk if rr == r)
+                text = requests[r].text_ids.long()[None]  # [1, text_seq_length]
+                parts.append(self.model.prefill(text, torch.zeros(n, dtype=torch.long), start))  # [n, iv]
+                start += n
+            first = torch.cat(parts)
+        return torch.cat([first, first[:1].expand(p - len(chunk), -1)])
 
     def _groups(self, b: int) -> list[_Group]:
         m = min(self.microbatches, b)
         bounds = [b * k // m for k in range(m + 1)]
         return [_Group(bounds[k], bounds[k + 1]) for k in range(m)]
+
+    def step_rows(self, live: int, capacity: int) -> int:
+        """Rows a step runs with for ``live`` live rows of a chunk of at most ``capacity``: ``live``, or
+        (``pad_steps``) the capacity, the same per micro-batch, so that every kernel of the step has one
+        shape whatever is live."""
+        if not self.pad_steps:
+            return live
+        m = self.microbatches
+        return m * max(math.ceil(live / m), math.ceil(capacity / m))
 
     # ----------------------------------------------------------------------------------- the step
 

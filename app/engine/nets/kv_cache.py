@@ -105,23 +105,24 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def _fan_out(self, pos: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                 slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 slots: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if pos != 0:
             raise ValueError(f"a row index is only for the prefill at position 0, got position {pos}")
         b, t = rows.shape[0], k.shape[2]
-        self.k_cache[:b].index_copy_(2, slots, k.index_select(0, rows))
-        self.v_cache[:b].index_copy_(2, slots, v.index_select(0, rows))
+        self.k_cache[start : start + b].index_copy_(2, slots, k.index_select(0, rows))
+        self.v_cache[start : start + b].index_copy_(2, slots, v.index_select(0, rows))
         return k, v, self.mask[:t, :t]  # [R, nh, T, hd] x2, [T, T]
 
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rows: Rows = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write k, v [Bg, nh, T, hd] at positions pos.. of cache rows ``rows``; returns
+               rows: Rows = slice(None), start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k, v [Bg, nh, T, hd] at positions pos.. of cache rows ``rows`` (a row index: the prefill's
+        cache rows ``start..``, row ``start + b`` from text ``rows[b]``); returns
         (keys [Bg, nh, S', hd], values [Bg, nh, S', hd], mask [T, S']) for attention.
         """
         t = k.shape[2]
         if isinstance(rows, torch.Tensor):
             assert isinstance(pos, int)
-            return self._fan_out(pos, k, v, rows, torch.arange(t, device=k.device))
+            return self._fan_out(pos, k, v, rows, torch.arange(t, device=k.device), start)
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]  # [Bg, nh, S, hd]
         if isinstance(pos, int):
             k_cache[:, :, pos : pos + t] = k
@@ -157,13 +158,13 @@ class RowWindowCache(KVCache):
         self.table, self.slots, self.slot_lookup = table, slots, slot_lookup
 
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rows: Rows = slice(None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows: Rows = slice(None), start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As ``KVCache.update``; the whole ring is always attended: (keys, values [Bg, nh, t + W, hd],
         mask [T, t + W])."""
         t = k.shape[2]
         if isinstance(rows, torch.Tensor):
             assert isinstance(pos, int)
-            return self._fan_out(pos, k, v, rows, self.slots[:t])
+            return self._fan_out(pos, k, v, rows, self.slots[:t], start)
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]  # [Bg, nh, t + W, hd]
         if isinstance(pos, int):
             slots, mask = self.slots[pos : pos + t], self.table[pos : pos + t]

@@ -6,6 +6,7 @@ makes one flag per field from it, and the request schema's default limits and th
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,12 @@ class ServerSettings:
     job_ttl: float = _flag(3600.0, "Seconds a finished job is kept for polling.")
     max_jobs: int = _flag(256, "Finished jobs kept at most; the oldest are dropped first.")
     keepalive: float = _flag(15.0, "Seconds between keep-alive comments on an event stream.")
+    batch_invariant: bool = _flag(
+        True,
+        "A seed gives the same images whatever shares its batch (fixed product shapes); "
+        "--no-batch_invariant trades that for a few percent of CPU decode speed at small batches.",
+        action=argparse.BooleanOptionalAction,
+    )
     log_format: str = _flag(
         "text",
         "text: one human-readable line per record; json: one JSON object per line.",
