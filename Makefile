@@ -79,6 +79,10 @@ bench-image-prompt: $(VENV)/.installed
 .PHONY: bench-preview
 bench-preview: $(VENV)/.installed $(TINY)/model.json
 	$(PY) bench/preview.py --model_dir $(TINY) --every 4 --runs 3 --out out/bench-preview.json
+## bench-invariance: what batch invariance costs per decode step at batch 1..16, and that it holds (CPU)
+.PHONY: bench-invariance
+bench-invariance: $(VENV)/.installed
+	$(PY) bench/batch_invariance.py --runs 3 --out out/bench-batch-invariance.json
 bench-load: $(VENV)/.installed
 	$(PY) bench/load.py
 bench-throughput: $(VENV)/.installed

@@ -117,10 +117,10 @@ def time_decode(model: DalleModel, batch: int, *, windowed: bool, capture_graphs
     request = GenerationRequest(text, batch, sampling, seed=0)
     marks: list[tuple[int, float]] = []
 
-    def on_step(done: int) -> None:
+    def on_step(tick: Any) -> None:
         if model_device.type == "cuda":
             torch.cuda.synchronize(model_device)
-        marks.append((done, time.perf_counter()))
+        marks.append((tick.steps, time.perf_counter()))
 
     model_device = next(model.parameters()).device
     if model_device.type == "cuda":
@@ -139,6 +139,35 @@ def time_decode(model: DalleModel, batch: int, *, windowed: bool, capture_graphs
         "peak_memory_gib": (torch.cuda.max_memory_allocated(model_device) / 2**30
                             if model_device.type == "cuda" else None),
     }
+
+
+def invariance_check(model: DalleModel, batches: list[int], *, capture_graphs: bool) -> list[dict[str, Any]]:
+    """A 2-image request alone and merged into batches of ``batches`` images (a decoder of the largest
+    capacity, as the server keeps one): how many of its codes differ, with batch invariance on and off."""
+    from app.engine.nets.decoding import GenerationRequest, ImageTokenDecoder, SamplingParams
+
+    cfg = model.cfg
+    sampling = SamplingParams(top_k=min(4096, cfg.image_vocab_size), top_p=0.975, temperature=1.0)
+
+    def req(images: int, seed: int) -> GenerationRequest:
+        text = torch.zeros(cfg.text_seq_length, dtype=torch.long)
+        text[:4] = torch.tensor([2, 10 + seed % 50, 20, 3])
+        return GenerationRequest(text, images, sampling, seed=seed)
+
+    rows = []
+    for invariant in (True, False):
+        decoder = ImageTokenDecoder(model, max(batches), capture_graphs=capture_graphs,
+                                    batch_invariant=invariant)
+        alone = decoder.generate([req(2, 7)])[0]
+        assert alone is not None
+        for batch in batches:
+            out = decoder.generate([req(batch - 2, 100 + batch), req(2, 7)])[1] if batch > 2 else alone
+            assert out is not None
+            rows.append({"batch_invariant": invariant, "batch": batch,
+                         "codes_differing": int((out.codes != alone.codes).sum()),
+                         "ppl_equal": bool(torch.equal(out.ppl, alone.ppl))})
+        decoder.release_caches()
+    return rows
 
 
 def end_to_end(model_dir: str, device: str, seed: int) -> dict[str, Any]:
@@ -169,6 +198,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--full-cache", action="store_true", help="disable the windowed row-layer cache")
     ap.add_argument("--bandwidth-gbs", type=float, help="peak memory bandwidth (default: by device name)")
     ap.add_argument("--model_dir", help="also time the default request end to end through the pipeline")
+    ap.add_argument("--invariance-batches", default="8,16,32",
+                    help="batch sizes a request is merged into for the batch-invariance check ('' skips it)")
+    ap.add_argument("--invariance-layers", type=int, default=4,
+                    help="layers of the model for that check (full width: the shapes that matter)")
     ap.add_argument("--out", default="out/gpu_decode", help="folder for gpu_decode.json and gpu_decode.txt")
     return ap.parse_args(argv)
 
@@ -220,6 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    inv_batches = [int(b) for b in args.invariance_batches.split(",") if b.strip()]
+    invariance: list[dict[str, Any]] = []
+    if inv_batches:
+        small = DalleConfig(**{**cfg.__dict__, "num_layers": min(cfg.num_layers, args.invariance_layers)})
+        inv_model = random_model_on(small, device, dtype, seed=1)
+        invariance = invariance_check(inv_model, inv_batches, capture_graphs="graphs" in modes)
+        del inv_model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     result: dict[str, Any] = {
         "device": name,
@@ -232,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode": rows,
         "torch_compile": TORCH_COMPILE_NOTE,
         "target": {"batch": 8, "bound_fraction": TARGET_FRACTION_AT_8},
+        "invariance": invariance,
     }
     header = ("batch", "mode", "ms/step", "MB/step", "bound", "img/s", "capture", "peak GiB")
     say("{:>5} {:>7} {:>9} {:>9} {:>7} {:>7} {:>8} {:>9}".format(*header))
@@ -240,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{r['batch']:>5} {r['mode']:>7} {r['ms_per_step']:>9.2f} {r['mb_per_step']:>9.0f} "
             f"{r['bound_fraction']:>7.1%} {r['images_per_s']:>7.2f} {r['step_capture']!s:>8} {peak:>9}")
     say(f"torch.compile: {TORCH_COMPILE_NOTE}")
+    for r in invariance:
+        say(f"invariance: batch_invariant={r['batch_invariant']} merged into {r['batch']}: "
+            f"{r['codes_differing']} codes differ from alone, ppl equal {r['ppl_equal']}")
     at8 = [r for r in rows if r["batch"] == 8 and not math.isnan(r["bound_fraction"])]
     if at8:
         best = max(at8, key=lambda r: r["bound_fraction"])
