@@ -29,9 +29,11 @@ class JobResult:
 
 @dataclass(frozen=True)
 class JobFailed:
-    """A job that failed even when run alone; `message` is for the client (it never holds a prompt)."""
+    """A job that failed even when run alone; `message` is for the client (it never holds a prompt).
+    `invalid`: its own input could not be used (a client error), found before its batch decoded."""
 
     message: str
+    invalid: bool = False
 
 
 #: What `Pipeline.run` gives for each job: its result, its failure, or None when `on_progress` stopped it.

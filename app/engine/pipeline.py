@@ -172,12 +172,34 @@ class Pipeline:
         jobs that asked) and may name jobs to stop (see ``OnProgress``): a stopped job's outcome is
         None and it costs no further time; the other jobs go on unchanged.
 
-        Failures end here, not in the caller: an out-of-memory halves the decode chunk and tries
-        again (same seeds, same images); a batch that still fails releases its memory and runs each
-        job alone, so only a job that fails by itself gets a `JobFailed`.
+        Failures end here, not in the caller. A job whose input cannot be prepared (tokenized, its image
+        prompt encoded) fails alone with an `invalid` `JobFailed` before the batch decodes: the others
+        neither fail nor rerun. An out-of-memory halves the decode chunk and tries again (same seeds,
+        same images); a batch that still fails releases its memory and runs each job alone, so only a
+        job that fails by itself gets a `JobFailed`.
         """
+        outcomes: list[Outcome] = [None] * len(jobs)
+        ready: list[tuple[int, GenerationRequest]] = []
+        for n, job in enumerate(jobs):
+            try:
+                ready.append((n, self._request(job)))
+            except Exception as exc:  # the job's own input: the message names no prompt
+                log.warning("job %d of %d: its input could not be prepared (%s)", n, len(jobs),
+                            type(exc).__name__)
+                outcomes[n] = JobFailed(f"the request's input could not be used ({type(exc).__name__})",
+                                        invalid=True)
+        if ready:
+            members = [n for n, _ in ready]
+            done = self._run_prepared([jobs[n] for n in members], [r for _, r in ready],
+                                      _subset(members, len(jobs), on_step))
+            for n, outcome in zip(members, done, strict=True):
+                outcomes[n] = outcome
+        return outcomes
+
+    def _run_prepared(self, jobs: Sequence[Job], requests: list[GenerationRequest],
+                      on_step: OnProgress | None) -> list[Outcome]:
         try:
-            return list(self._run_batch(jobs, on_step))
+            return list(self._run_batch(jobs, requests, on_step))
         except Exception as exc:
             # The traceback goes to the log (no prompt in it); the job gets a short, generic reason.
             log.exception("batch of %d job(s), %d image(s) failed", len(jobs), _images(jobs))
@@ -187,12 +209,14 @@ class Pipeline:
         if len(jobs) == 1:
             return [JobFailed(message)]
         log.info("retrying each of the %d jobs of the failed batch alone", len(jobs))
-        return [self.run([job], _only(n, len(jobs), on_step))[0] for n, job in enumerate(jobs)]
+        return [self._run_prepared([job], [req], _subset([n], len(jobs), on_step))[0]
+                for n, (job, req) in enumerate(zip(jobs, requests, strict=True))]
 
-    def _run_batch(self, jobs: Sequence[Job], on_step: OnProgress | None) -> list[JobResult | None]:
+    def _run_batch(self, jobs: Sequence[Job], requests: list[GenerationRequest],
+                   on_step: OnProgress | None) -> list[JobResult | None]:
         states = [_JobState(job) for job in jobs]
         with torch.inference_mode():
-            self._generate(states, on_step)
+            self._generate(states, requests, on_step)
             for st in states:
                 if st.output is None:
                     continue
@@ -202,9 +226,9 @@ class Pipeline:
                 self._encode(st)
         return [self._result(st) if st.output is not None else None for st in states]
 
-    def _generate(self, states: list[_JobState], on_step: OnProgress | None) -> None:
+    def _generate(self, states: list[_JobState], requests: list[GenerationRequest],
+                  on_step: OnProgress | None) -> None:
         t0 = time.perf_counter()
-        requests = [self._request(st.job) for st in states]
         tick = None if on_step is None else self._progress_reporter([st.job for st in states], on_step)
         outputs = self._generate_splitting_on_oom(requests, tick)
         elapsed = time.perf_counter() - t0
@@ -360,15 +384,18 @@ def _images(jobs: Sequence[Job]) -> int:
     return sum(job.params.images_to_gen for job in jobs)
 
 
-def _only(n: int, jobs: int, on_step: OnProgress | None) -> OnProgress | None:
-    """`on_step` of a batch of `jobs` jobs, as seen by its job `n` run alone (index 0 there)."""
+def _subset(members: list[int], jobs: int, on_step: OnProgress | None) -> OnProgress | None:
+    """`on_step` of a batch of `jobs` jobs, as seen by its jobs `members` run on their own (indices
+    0.. there, in that order); the other jobs have no news."""
     if on_step is None:
         return None
 
     def tick(progress: Sequence[Progress | None]) -> list[int]:
         seen: list[Progress | None] = [None] * jobs
-        seen[n] = progress[0]
-        return [0] if n in set(on_step(seen) or ()) else []
+        for k, n in enumerate(members):
+            seen[n] = progress[k]
+        stop = set(on_step(seen) or ())
+        return [k for k, n in enumerate(members) if n in stop]
 
     return tick
 

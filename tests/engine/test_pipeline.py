@@ -132,6 +132,29 @@ def test_a_failed_shared_batch_reruns_each_job_alone_so_only_the_faulty_one_fail
     assert released  # memory is released before the jobs run again
 
 
+def test_a_job_whose_input_fails_late_fails_alone_and_its_partners_neither_fail_nor_rerun(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = Job("кот", replace(FAST, seed=41))
+    (alone,) = pipeline.run([good])
+    # A lone surrogate passes a str check but cannot be encoded: the tokenizer fails on it, late.
+    bad = Job("кот \ud800", replace(FAST, seed=42))
+    real_generate = pipeline.decoder.generate
+    calls: list[int] = []
+
+    def counting(requests, on_step=None, max_rows=None):  # type: ignore[no-untyped-def]
+        calls.append(len(requests))
+        return real_generate(requests, on_step=on_step, max_rows=max_rows)
+
+    monkeypatch.setattr(pipeline.decoder, "generate", counting)
+    seen: list[list[object]] = []
+    failed, ok = pipeline.run([bad, good], on_step=lambda progress: seen.append(list(progress)))
+    assert calls == [1]  # one decode, of the good job only: nothing reran
+    assert isinstance(failed, JobFailed) and failed.invalid and "\ud800" not in failed.message
+    assert isinstance(ok, JobResult) and isinstance(alone, JobResult) and ok.codes == alone.codes
+    assert seen and all(p[0] is None and p[1] is not None for p in seen)  # progress keeps batch order
+
+
 def test_a_stopped_job_in_a_rerun_stays_stopped(pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
     real_generate = pipeline.decoder.generate
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -271,3 +272,22 @@ def test_bad_image_prompt_is_400_naming_its_field(prompt, field, needle):
     message = error_of(one({"image_prompt": prompt}))
     assert message.startswith(f"instances[0].params.{field}: "), message
     assert needle in message
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"instances": [{"query": "кот \\ud800"}]}', "instances[0].query"),
+        ('{"instances": [{"query": "\\udfff"}]}', "instances[0].query"),
+        ('{"instances": [{"query": "кот", "params": {"image_prompt": {"image": "iVBO\\ud800", '
+         '"borders": {"up": 4}}}}]}', "instances[0].params.image_prompt.image"),
+        ('{"instances": [{"query": "кот", "params": {"format": "png\\ud800"}}]}',
+         "instances[0].params.format"),
+    ],
+)
+def test_text_with_a_lone_surrogate_is_refused_naming_the_field_in_an_encodable_message(body, field):
+    with pytest.raises(RequestInvalid) as err:
+        SCHEMA.parse(json.loads(body))  # Python's JSON reader keeps the lone surrogate, as a client's may
+    message = err.value.message
+    assert message.startswith(field + ":")
+    message.encode("utf-8")  # the answer itself can be sent

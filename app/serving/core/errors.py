@@ -16,6 +16,11 @@ RETRY_AFTER_S = 5
 Loc = tuple[str | int, ...]
 
 
+def encodable(text: str) -> str:
+    """`text` with whatever UTF-8 cannot encode (lone surrogates) written as `\\udXXX` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def format_loc(loc: Loc) -> str:
     """`instances[0].params.top_k`; "body" for the empty path."""
     out = ""
@@ -43,6 +48,7 @@ class ServiceError(Exception):
     status: int = 500
 
     def __init__(self, message: str) -> None:
+        message = encodable(message)  # a lone surrogate quoted from the input would fail the answer
         super().__init__(message)
         self.message = message
 
@@ -70,7 +76,7 @@ class RequestInvalid(ServiceError):
         """The message with every problem told by `text` (in a protocol's names), each problem once."""
         if not self.problems:
             return self.message
-        return _join(self.problems, self.more, text)
+        return encodable(_join(self.problems, self.more, text))
 
     @property
     def first_loc(self) -> Loc | None:

@@ -140,6 +140,19 @@ def _random_seed() -> int:
     return secrets.randbelow(SEED_MAX + 1)
 
 
+def encodable_text(value: str) -> str:
+    """A string that UTF-8 can encode; a lone surrogate ("\\ud800", which JSON can carry) is refused at
+    parse time, naming the field, instead of failing the tokenizer inside a batch."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "not_utf8", "must be text that UTF-8 can encode; a lone surrogate at character {at}",
+            {"at": exc.start},
+        ) from None
+    return value
+
+
 class Borders(BaseModel):
     """Bands of the image prompt to keep, in image tokens of 8 pixels."""
 
@@ -168,6 +181,11 @@ class ImagePromptIn(BaseModel):
     crop_first: bool = Field(
         default=False, description="Encode each band from its own crop of the image, as upstream does."
     )
+
+    @field_validator("image")
+    @classmethod
+    def _image_text(cls, value: str) -> str:
+        return encodable_text(value)
 
     @model_validator(mode="after")
     def _usable(self, info: ValidationInfo) -> ImagePromptIn:
@@ -303,7 +321,7 @@ class Instance(BaseModel):
     @field_validator("query")
     @classmethod
     def _query_text(cls, value: str) -> str:
-        text = value.strip()
+        text = encodable_text(value).strip()
         if not text:
             raise PydanticCustomError("empty_query", "must not be empty or only whitespace")
         if len(text) > MAX_QUERY_CHARS:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from app.engine.jobs import JobFailed, Progress
-from app.serving.core.errors import GenerationFailed, ShuttingDown
+from app.serving.core.errors import GenerationFailed, RequestInvalid, ShuttingDown
 from app.serving.core.types import InstanceResult, Progressed, RequestResult, Started
 from app.serving.queue.base import Work, WorkQueue
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
@@ -107,7 +107,8 @@ class BatchWorker:
             offset += len(work.request.instances)
             failed = next((o for o in mine if isinstance(o, JobFailed)), None)
             if failed is not None:
-                self.queue.fail(work, GenerationFailed(failed.message))
+                error = RequestInvalid if failed.invalid else GenerationFailed
+                self.queue.fail(work, error(failed.message))
             elif any(o is None for o in mine):
                 # Stopped at a progress tick: its requester had gone and was answered already.
                 log.info("request of %d image(s) stopped: its requester gave up", work.images)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from app.engine.nets import decoding
 from app.engine.nets.dalle import DalleConfig, DalleModel, layer_mask_kind
 from app.engine.nets.decoding import GenerationRequest, ImageTokenDecoder, SamplingParams
-from app.engine.nets.sampling import filter_logits, sample_tokens
 from app.engine.nets.kv_cache import RowWindowCache
+from app.engine.nets.sampling import filter_logits, sample_tokens
 
 # 4 layers: row, col, row, conv. A 6x6 grid is long enough (36 positions) to wrap a 7-slot row ring.
 SMALL = DalleConfig(num_layers=4, hidden_size=32, num_attention_heads=4, text_seq_length=8,
