@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.serving.core.schema import CATALOG_EXAMPLE, RESPONSE_EXAMPLE, MultiPrediction, Prediction, Schema
+from app.serving.core.responses import RESPONSE_EXAMPLE, MultiPrediction, Prediction
+from app.serving.core.schema import CATALOG_EXAMPLE, Schema
 
 CARD_PATH = "/v1/models/{model_name}/card"
 

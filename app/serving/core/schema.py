@@ -1,4 +1,4 @@
-"""Request validation and response shapes of the v1 predict API (SPEC.md section 3).
+"""Request validation of the v1 predict API (SPEC.md section 3); the responses are in `responses.py`.
 
 The request models are plain module-level pydantic models. Two bounds depend on the server, not the
 code: the images per request (a flag) and the image vocabulary size (the loaded model). `Schema(limits)`
@@ -46,7 +46,6 @@ from app.engine.params import (
     MAX_PREVIEW_EVERY,
     MAX_TEMPERATURE,
     SEED_MAX,
-    STAGES,
     ImagePrompt,
 )
 from app.engine.params import GenerationParams as EngineParams
@@ -55,7 +54,6 @@ from app.serving.core.settings import ServerSettings
 
 MAX_QUERY_CHARS = 1000
 MAX_INSTANCES = 16
-TIMING_KEYS = ("queue", *STAGES)
 
 # The catalog's example request, used verbatim by the card and the OpenAPI docs.
 CATALOG_EXAMPLE: dict[str, Any] = {
@@ -559,45 +557,3 @@ def _problem(err: ErrorDetails, ctx: dict[str, Any]) -> str:
     if kind == "too_long":
         return f"must have at most {ctx.get('max_length')} items"
     return err["msg"]
-
-
-# ---- responses ------------------------------------------------------------------------------------
-
-
-class Timings(BaseModel):
-    queue: float = Field(description="Seconds waiting in the queue.")
-    generate: float = 0.0
-    decode: float = 0.0
-    rank: float = 0.0
-    upscale: float = 0.0
-    encode: float = 0.0
-
-
-class Prediction(BaseModel):
-    """The answer to one instance; `images` are ordered by `clip_scores`, highest first."""
-
-    ok: bool = True
-    images: list[str] = Field(description="Base64-encoded image files in the requested format.")
-    clip_scores: list[float]
-    seed: int
-    ppl: list[float] = Field(description="Perplexity of each returned image's tokens.")
-    timings: Timings
-
-
-class MultiPrediction(BaseModel):
-    ok: bool = True
-    predictions: list[Prediction]
-
-
-class ErrorBody(BaseModel):
-    error: str
-
-
-RESPONSE_EXAMPLE: dict[str, Any] = {
-    "ok": True,
-    "images": ["<base64 JPEG>", "<base64 JPEG>"],
-    "clip_scores": [0.63, 0.46],
-    "seed": 123,
-    "ppl": [21.4, 25.0],
-    "timings": {"queue": 0.1, "generate": 12.3, "decode": 0.2, "rank": 0.3, "upscale": 0.0, "encode": 0.1},
-}

@@ -37,15 +37,8 @@ from starlette.staticfiles import StaticFiles
 from app import __version__
 from app.serving.core.card import CARD_PATH
 from app.serving.core.errors import RETRY_AFTER_S
-from app.serving.core.schema import (
-    CATALOG_EXAMPLE,
-    RESPONSE_EXAMPLE,
-    ErrorBody,
-    Limits,
-    MultiPrediction,
-    Prediction,
-    json_schema_limits,
-)
+from app.serving.core.responses import RESPONSE_EXAMPLE, ErrorBody, MultiPrediction, Prediction
+from app.serving.core.schema import CATALOG_EXAMPLE, Limits, json_schema_limits
 from app.serving.protocols.routes import HTML, METRICS, PREDICT_BODY, PREDICTION, Operation, RouteTable
 from app.serving.protocols.v1 import FailureBody
 
