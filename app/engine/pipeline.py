@@ -53,6 +53,10 @@ class Ranked:
     scores: list[float]
 
 
+#: Intra-op threads on the CPU with batch invariance: measured clean at 1..11, not at 12, 15, 16 or 32.
+MAX_INVARIANT_THREADS = 8
+
+
 @dataclass
 class _JobState:
     """What one job has accumulated while its batch moves through the stages."""
@@ -141,6 +145,12 @@ class Pipeline:
         plan = placement.plan_placement(manifest.dalle, specs, torch_dtype, max_batch_images or None)
         log.info("placement: %s", plan.describe())
         main = torch.device(plan.main_device)
+        if batch_invariant and main.type == "cpu" and torch.get_num_threads() > MAX_INVARIANT_THREADS:
+            # MKL splits a product's rows between threads from 12 threads on, and rows then get other bits
+            # by their place in the batch (tests/engine/nets/test_batch_invariance.py); 1..11 are clean.
+            log.warning("batch_invariant on the CPU: using %d of %d threads (more split a product's rows "
+                        "with other bits)", MAX_INVARIANT_THREADS, torch.get_num_threads())
+            torch.set_num_threads(MAX_INVARIANT_THREADS)
         dalle = store.load_dalle(manifest, plan.device_map, torch_dtype)
         on_cuda = main.type == "cuda"
         decoder = ImageTokenDecoder(

@@ -15,7 +15,7 @@ from PIL import Image
 
 from app.engine.jobs import Job, JobFailed, JobResult
 from app.engine.params import GenerationParams
-from app.engine.pipeline import Pipeline, encode_image, resolve_dtype
+from app.engine.pipeline import MAX_INVARIANT_THREADS, Pipeline, encode_image, resolve_dtype
 from app.tools import generate
 
 FAST = GenerationParams(images_to_gen=2, images_to_cherry_pick=1, top_k=64, super_res=False, seed=11)
@@ -168,6 +168,28 @@ def test_a_stopped_job_in_a_rerun_stays_stopped(pipeline: Pipeline, monkeypatch:
     # The second job's requester is gone: its rerun is stopped at the first tick, the first runs.
     first, second = pipeline.run(jobs, on_step=lambda progress: [1])
     assert isinstance(first, JobResult) and second is None
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False])
+def test_batch_invariance_caps_cpu_threads_where_mkl_splits_rows(
+    tiny_model_dir: Path, batch_invariant: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # From 12 threads on MKL gives a row other bits by its place in the batch, so the invariant pipeline
+    # runs the CPU at MAX_INVARIANT_THREADS and says so; without invariance it keeps the threads it got.
+    before = torch.get_num_threads()
+    torch.set_num_threads(12)
+    try:
+        with caplog.at_level("WARNING", logger="app.engine.pipeline"):
+            Pipeline.load(tiny_model_dir, device="cpu", batch_invariant=batch_invariant)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    warned = [r for r in caplog.records if "batch_invariant" in r.getMessage()]
+    if batch_invariant:
+        assert threads == MAX_INVARIANT_THREADS
+        assert len(warned) == 1 and "8 of 12 threads" in warned[0].getMessage()
+    else:
+        assert threads == 12 and not warned
 
 
 @pytest.mark.parametrize(("fmt", "pil_format"), [("jpeg", "JPEG"), ("png", "PNG"), ("webp", "WEBP")])

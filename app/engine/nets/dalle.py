@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.engine.nets.checks import OPTIONAL_IN_MANIFEST, positive_int
+from app.engine.nets.invariance import row_floor
 from app.engine.nets.kv_cache import (
     KVCache,
     RowLookup,
@@ -364,11 +365,20 @@ class DalleModel(nn.Module):
         self.cache_windowed = False
         self.cache_generation = 0
 
-    def set_min_rows(self, rows: int) -> None:
-        """Every linear product of the model runs with at least ``rows`` rows (0: as given)."""
+    def set_min_rows(self, rows: int | None) -> None:
+        """Every linear product of the model runs with at least ``rows`` rows (0: as given; None: each
+        product's measured ``row_floor``, so that its rows are bit-stable whatever their count)."""
+        head = self.to_logits[1]
         for module in self.modules():
             if isinstance(module, FloorLinear):
-                module.min_rows = rows
+                if rows is not None:
+                    module.min_rows = rows
+                    continue
+                # The head's product in decoding is its image columns only (``image_logits``).
+                out = self.cfg.image_vocab_size if module is head else module.out_features
+                w = module.weight
+                module.min_rows = row_floor(module.in_features, out, w.dtype, str(w.device),
+                                            torch.get_num_threads())
 
     def layer_mask(self, layer: int, device: torch.device | str) -> torch.Tensor:
         """Layer ``layer``'s full bool mask [total_seq_length, total_seq_length] on ``device`` (cached).

@@ -18,10 +18,11 @@ position ``n_text + j - 1`` (token 0 from the last text position). The last toke
 Randomness is one uniform per (image, step), drawn on the CPU from the request's seed, so an image's
 tokens do not depend on which other rows share its batch, chunk or micro-batch. Batch invariance: a
 matrix product's row is computed by a kernel the library picks by the product's shape, and kernels of
-different row counts round differently (MKL: every row count below 16 differs; cuBLAS and flash attention
-pick tiles, split-K and split-KV by shape). With ``batch_invariant`` (the default) each text is prefilled
-alone, and on the CPU every linear product runs with at least ``INVARIANT_MIN_ROWS`` rows (attention,
-norms and sampling are per row there, measured), while on CUDA the whole step runs the chunk's capacity
+different row counts round differently (MKL: below 11 rows at input width 256, below 16 at 1024 and
+more; cuBLAS and flash attention pick tiles, split-K and split-KV by shape). With ``batch_invariant``
+(the default) each text is prefilled alone, and on the CPU every linear product runs with at least its
+measured row floor (``invariance.row_floor``: 11 or 16 rows with MKL; attention, norms and sampling are
+per row there, measured), while on CUDA the whole step runs the chunk's capacity
 of rows (``pad_steps``: padding rows decode along and are dropped), so a row's bits do not depend on its
 partners, its place in the batch, or partners leaving.
 """
@@ -43,8 +44,8 @@ from app.engine.params import SEED_MAX
 
 log = logging.getLogger(__name__)
 
-#: The fewest rows of a linear product on the CPU: MKL gives every row the same bits in products of 16
-#: rows or more (measured at every width of the model, 1 and 2 threads), and other bits below.
+#: The largest row floor MKL needs here (input width 1024 and more, 1 and 2 threads); the decoder measures
+#: each product's own floor (``invariance.row_floor``), which never exceeded this.
 INVARIANT_MIN_ROWS = 16
 
 
@@ -295,7 +296,7 @@ class ImageTokenDecoder:
         if not requests:
             return []
         on_cpu = self.head_device.type != "cuda"
-        self.model.set_min_rows(INVARIANT_MIN_ROWS if self.batch_invariant and on_cpu else 0)
+        self.model.set_min_rows(None if self.batch_invariant and on_cpu else 0)
         chunk_rows = min(self.max_batch_images, max_rows or self.max_batch_images)
         seq = self.cfg.image_seq_length
         # One row per image: (request index, image index), in request order.
