@@ -311,7 +311,7 @@ class DalleLayer(nn.Module):
         return self.mlp_block(x)
 
     def forward_cached(self, x: torch.Tensor, pos: int | torch.Tensor,
-                       rows: slice | torch.Tensor, start: int = 0) -> torch.Tensor:
+                       rows: slice | torch.Tensor, start: int | list[int] = 0) -> torch.Tensor:
         """x [Bg, T, h] at positions pos.. (``KVCache.update`` tells ``pos`` and ``rows``) -> [Bg', T, h]."""
         cache = self.attention.kv_cache
         if cache is None:
@@ -462,8 +462,9 @@ class DalleModel(nn.Module):
 
     # ------------------------------------------------------------------------------- cached decoding
 
-    def prefill(self, text_ids: torch.Tensor, rows: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Run texts [R, text_seq_length] once; cache row start + b gets text ``rows[b]``'s keys and values.
+    def prefill(self, text_ids: torch.Tensor, rows: torch.Tensor, start: int | list[int] = 0) -> torch.Tensor:
+        """Run texts [R, text_seq_length] once; cache row start + b (or ``start[b]``, a list of cache rows)
+        gets text ``rows[b]``'s keys and values.
 
         rows: [B] long, indices into the texts. Returns the logits of image token 0, [B, iv] float32.
         """
@@ -475,7 +476,7 @@ class DalleModel(nn.Module):
         return logits.index_select(0, _to(rows, logits.device))
 
     def embed_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
-        """Image tokens [Bg] at sequence position ``pos`` (an int or a [1] tensor) -> [Bg, 1, h]."""
+        """Image tokens [Bg] at position ``pos`` (an int, a [1] tensor or one per row) -> [Bg, 1, h]."""
         return self.embed_image(tokens[:, None], start=pos - self.cfg.n_text)
 
     def step_layers(self, x: torch.Tensor, pos: int | torch.Tensor, layers: Sequence[int],
@@ -483,7 +484,8 @@ class DalleModel(nn.Module):
         """Hidden states [Bg, 1, h] at ``pos`` through ``layers`` (consecutive indices), cache rows ``rows``.
 
         An int ``pos`` slices full caches to the written prefix; a [1] long tensor on the layers' device
-        (as a captured graph reads it) attends whole caches with mask rows gathered on the device.
+        (as a captured graph reads it) attends whole caches with mask rows gathered on the device; a [Bg]
+        tensor gives each row its own position (continuous batching), whole caches attended.
         """
         for lookups in self._lookups.values():
             for lookup in lookups:

@@ -8,12 +8,14 @@ rows)`` writes the new keys and values and returns what attention reads: (keys, 
   positions: the text slots, then a ring of ``window`` slots (position p >= text_len in slot
   ``text_len + (p - text_len) % window``).
 
-``pos`` is a Python int (eager: the full cache attends only over the prefix written so far) or a [1]
+``pos`` is a Python int (eager: the full cache attends only over the prefix written so far), a [1]
 long tensor on the cache's device (the position read on the device, as a captured CUDA graph needs: the
-whole cache is attended and the mask row gathered there). ``rows`` is the slice of cache rows the new
-keys belong to (a micro-batch), or, for the prefill at position 0, a [B] long index: cache row b takes
-row ``rows[b]`` of the new keys (one text per request, several images each), and attention then reads
-the new keys themselves.
+whole cache is attended and the mask row gathered there), or a [Bg] long tensor: one position per row
+(continuous batching, where rows joined at different steps; the whole cache is attended and each row
+reads its own mask row). ``rows`` is the slice of cache rows the new keys belong to (a micro-batch), or,
+for the prefill at position 0, a [B] long index: cache row ``start + b`` (or ``start[b]``, a list of
+cache rows) takes row ``rows[b]`` of the new keys (one text per request, several images each), and
+attention then reads the new keys themselves.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class RowLookup:
 
 
 Rows = slice | torch.Tensor
+#: Where a prefill's rows go: cache rows start.. (an int), or these cache rows (a list).
+Start = int | list[int]
 
 
 class KVCache(nn.Module):
@@ -105,16 +109,28 @@ class KVCache(nn.Module):
         return self.k_cache.shape[2]
 
     def _fan_out(self, pos: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-                 slots: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 slots: torch.Tensor, start: Start) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if pos != 0:
             raise ValueError(f"a row index is only for the prefill at position 0, got position {pos}")
         b, t = rows.shape[0], k.shape[2]
-        self.k_cache[start : start + b].index_copy_(2, slots, k.index_select(0, rows))
-        self.v_cache[start : start + b].index_copy_(2, slots, v.index_select(0, rows))
+        if isinstance(start, int):
+            self.k_cache[start : start + b].index_copy_(2, slots, k.index_select(0, rows))
+            self.v_cache[start : start + b].index_copy_(2, slots, v.index_select(0, rows))
+        else:  # scattered cache rows (free slots of a continuous batch)
+            if len(start) != b:
+                raise ValueError(f"{len(start)} cache rows for {b} prefilled rows")
+            for n, row in enumerate(start):
+                self.k_cache[row].index_copy_(1, slots, k[rows[n]])
+                self.v_cache[row].index_copy_(1, slots, v[rows[n]])
         return k, v, self.mask[:t, :t]  # [R, nh, T, hd] x2, [T, T]
 
+    @staticmethod
+    def _write_rows(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> None:
+        """Write new [Bg, nh, 1, hd] into cache [Bg, nh, S, hd] at one slot per row, slots [Bg]."""
+        cache.scatter_(2, slots.view(-1, 1, 1, 1).expand_as(new), new)
+
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rows: Rows = slice(None), start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows: Rows = slice(None), start: Start = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write k, v [Bg, nh, T, hd] at positions pos.. of cache rows ``rows`` (a row index: the prefill's
         cache rows ``start..``, row ``start + b`` from text ``rows[b]``); returns
         (keys [Bg, nh, S', hd], values [Bg, nh, S', hd], mask [T, S']) for attention.
@@ -130,6 +146,10 @@ class KVCache(nn.Module):
             # Keys after pos are not written yet and are masked anyway; skip them.
             visible = pos + t
             return k_cache[:, :, :visible], v_cache[:, :, :visible], self.mask[pos : pos + t, :visible]
+        if pos.numel() > 1:  # one position per row
+            self._write_rows(k_cache, pos, k)
+            self._write_rows(v_cache, pos, v)
+            return k_cache, v_cache, self.lookup(pos)[:, None, None, :]  # mask [Bg, 1, 1, S]
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
         return k_cache, v_cache, self.lookup(pos)  # mask [1, S]
@@ -158,7 +178,7 @@ class RowWindowCache(KVCache):
         self.table, self.slots, self.slot_lookup = table, slots, slot_lookup
 
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rows: Rows = slice(None), start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               rows: Rows = slice(None), start: Start = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As ``KVCache.update``; the whole ring is always attended: (keys, values [Bg, nh, t + W, hd],
         mask [T, t + W])."""
         t = k.shape[2]
@@ -168,6 +188,11 @@ class RowWindowCache(KVCache):
         k_cache, v_cache = self.k_cache[rows], self.v_cache[rows]  # [Bg, nh, t + W, hd]
         if isinstance(pos, int):
             slots, mask = self.slots[pos : pos + t], self.table[pos : pos + t]
+        elif pos.numel() > 1:  # one position per row
+            slots = self.slot_lookup(pos)  # [Bg]
+            self._write_rows(k_cache, slots, k)
+            self._write_rows(v_cache, slots, v)
+            return k_cache, v_cache, self.lookup(pos)[:, None, None, :]  # mask [Bg, 1, 1, t + W]
         else:
             slots, mask = self.slot_lookup(pos), self.lookup(pos)
         k_cache.index_copy_(2, slots, k)
