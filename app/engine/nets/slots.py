@@ -123,16 +123,21 @@ class SlotDecoder:
     # ----------------------------------------------------------------------------------- admission
 
     @torch.inference_mode()
-    def admit(self, key: Hashable, request: GenerationRequest) -> None:
+    def admit(self, key: Hashable, request: GenerationRequest, images: range | None = None) -> None:
         """Prefill the request's text into free slots; its rows sample from the next ``step`` on.
 
+        ``images``: which of the request's images (default all): a request may join image by image, each
+        image with the randomness it has in the whole request, so the pieces give the whole's codes.
         ValueError for a bad request or a key already admitted; RuntimeError when fewer slots are free
         than it has images (the caller admits only what fits).
         """
         if key in self._requests:
             raise ValueError(f"request {key!r} is already in the loop")
         self.decoder._check_request(0, request)
-        n = request.num_images
+        images = images if images is not None else range(request.num_images)
+        if not images or images.step != 1 or images.start < 0 or images.stop > request.num_images:
+            raise ValueError(f"images {images!r} is not a non-empty run of the request's images")
+        n = len(images)
         if n > len(self._free):
             raise RuntimeError(f"{n} image(s) do not fit in {len(self._free)} free slot(s)")
         d = self.decoder
@@ -144,7 +149,8 @@ class SlotDecoder:
         first = self.model.prefill(text, torch.zeros(n, dtype=torch.long), slots)  # [n, iv]
         idx = torch.tensor(slots, device=head)
         self.logits[idx] = _to(first.float(), head)
-        self.uniforms[idx] = request_uniforms(request.seed, n, self.seq).to(head)
+        uniforms = request_uniforms(request.seed, request.num_images, self.seq)[images.start : images.stop]
+        self.uniforms[idx] = uniforms.to(head)
         self.forced[idx] = _forced_of(request, self.seq).to(head).expand(n, -1)
         sp = request.sampling
         self.temperature[idx], self.top_k[idx], self.top_p[idx] = sp.temperature, sp.top_k, sp.top_p

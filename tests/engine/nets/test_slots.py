@@ -93,7 +93,8 @@ def alone(small: DalleModel) -> GenerationOutput:
 def test_a_request_joining_at_step_k_gets_the_codes_and_ppl_it_gets_alone(small, alone, k) -> None:
     # A partner is mid-way when R joins at step k (at and between image rows of 8 steps), and another
     # joins after R: R's rows sit at other slots and other positions than alone.
-    plan = {0: [("A", req(SMALL, 1, n=2))], k: [("R", req(SMALL, 7, n=3))], k + 5: [("B", req(SMALL, 2, n=3))]}
+    plan = {0: [("A", req(SMALL, 1, n=2))], k: [("R", req(SMALL, 7, n=3))],
+            k + 5: [("B", req(SMALL, 2, n=3))]}
     out = run(loop(small), plan)
     same(out["R"], alone)
     assert set(out) == {"A", "B", "R"}
@@ -137,6 +138,25 @@ def test_rows_free_their_slots_when_their_request_is_done_and_partial_shows_prog
         finished = dec.step()
     assert [key for key, _ in finished] == ["A"]
     assert dec.free_slots == 2 and dec.progress("B") == SMALL.image_seq_length - 10
+
+
+def test_a_request_joining_image_by_image_gets_the_codes_of_the_whole(small, alone) -> None:
+    r = req(SMALL, 7, n=3)
+    dec = loop(small, slots=4)
+    dec.admit("A", req(SMALL, 1, n=2))
+    for _ in range(5):
+        dec.step()
+    dec.admit(("R", 0), r, range(0, 2))  # two images now, the third when a slot frees
+    out: dict = {}
+    while len(out) < 3:
+        out.update(dec.step())
+        if "A" in out and ("R", 2) not in dec and ("R", 2) not in out:
+            dec.admit(("R", 2), r, range(2, 3))
+    codes = torch.cat([out[("R", 0)].codes, out[("R", 2)].codes])
+    ppl = torch.cat([out[("R", 0)].ppl, out[("R", 2)].ppl])
+    assert torch.equal(codes, alone.codes) and torch.equal(ppl, alone.ppl)
+    with pytest.raises(ValueError, match="run of the request"):
+        dec.admit("bad", r, range(2, 5))
 
 
 def test_micro_batches_give_the_same_codes_as_one_batch(small, alone) -> None:
