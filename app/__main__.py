@@ -82,6 +82,22 @@ def check_dtype(spec: str, device: str) -> None:
         raise SettingsError(f"--{exc}") from None
 
 
+def check_host(flag: str, host: str) -> None:
+    """A bind address of this host: an IP address or a name it resolves (`localhost`), bound once to port 0
+    here so that a mistyped or foreign address stops start-up with one line, not a traceback later."""
+    import socket
+
+    if not host.strip():
+        raise SettingsError(f"{flag}: must not be empty (0.0.0.0 binds every interface)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except (OSError, UnicodeError):
+        raise SettingsError(f"{flag}: {host!r} is not an address this host can bind") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Check every flag of ours and the model directory; raises SettingsError with a one-line message."""
     model_dir = Path(args.model_dir)
@@ -100,6 +116,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "--job_ttl": args.job_ttl,
         "--max_jobs": args.max_jobs,
         "--keepalive": args.keepalive,
+        "--max_job_bytes": args.max_job_bytes,
+        "--send_timeout": args.send_timeout,
+        "--header_timeout": args.header_timeout,
+        "--max_connections": args.max_connections,
     }
     for flag, value in positive.items():
         if not value > 0:
@@ -108,6 +128,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         value = getattr(args, flag)
         if not (value > 0 or value == -1):
             raise SettingsError(f"--{flag}: must be > 0 bytes (or -1: no limit), got {value}")
+    for flag in ("http_host", "grpc_host"):
+        check_host(f"--{flag}", getattr(args, flag))
     if args.max_batch_images < 0:
         got = args.max_batch_images
         raise SettingsError(f"--max_batch_images: must be >= 0 (0 = derive from memory), got {got}")
@@ -133,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     from kserve import model_server
 
     from app.engine.store import ModelStoreError
+    from app.serving.observability.metrics import HTTP_CONNECTIONS
     from app.serving.protocols.v2_grpc import add_grpc_server
+    from app.serving.web.server import install_rest_server
 
     model = KandinskyModel(args.model_name, settings)
     try:
@@ -170,7 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             max_threads=args.max_threads,
             max_send_bytes=args.grpc_max_send_message_length,
             max_receive_bytes=args.grpc_max_receive_message_length,
+            host=settings.grpc_host,
         )
+    # KServe's REST server on --http_host, with the header timeout and the connection cap (server.py).
+    guard = install_rest_server(settings, args.model_name)
+    HTTP_CONNECTIONS.set_function(lambda: guard.open)
     configure_app(model_server.app, model.context, model.begin_drain)
     server.start([model])
     log.info("server stopped")

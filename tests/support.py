@@ -1,6 +1,7 @@
 """Helpers shared by several test modules (no test module imports another; they all import from here).
 
-- A real `python -m app` process: `ROOT`, `free_port`, `start_server`, `wait_ready`, `serve`.
+- A real `python -m app` process, bound to loopback: `ROOT`, `free_port`, `start_server`, `wait_ready`,
+  `serve`, `listening_addresses` (from /proc/net).
 - KServe's REST app in-process: `build_app`, `client`; the routes `python -m app` serves: `_served_routes`.
 - The Open Inference Protocol (v2) reference request and its expectations: `NAME`, `V1_BODY`, `V2_INPUTS`,
   `OUTPUT_NAMES`, `INPUT_TYPES`, `OUTPUT_TYPES`, `assert_same_as_v1`, `metric`, `prompt_png`,
@@ -47,16 +48,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: Every server a test starts binds loopback only (HTTP and gRPC); a test's own flags come later and win.
+LOOPBACK_FLAGS = ("--http_host", "127.0.0.1", "--grpc_host", "127.0.0.1")
+
+
 def start_server(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.Popen(
-        [sys.executable, "-m", "app", *args],
+        [sys.executable, "-m", "app", *LOOPBACK_FLAGS, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The addresses with a TCP socket listening on `port` on this host (from /proc/net/tcp and tcp6);
+    an IPv4-mapped IPv6 address is given in its IPv4 form."""
+    found: set[str] = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            # the kernel writes each 32-bit word of the address in host (little-endian) order
+            raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8))
+            address = socket.inet_ntop(family, raw)
+            # gRPC binds 127.0.0.1 on an IPv6 socket: its v4-mapped form is the same address
+            found.add(address.removeprefix("::ffff:") if "." in address else address)
+    return found
 
 
 def wait_ready(proc: subprocess.Popen, url: str) -> None:

@@ -101,8 +101,10 @@ def _b64decode(data_b64: Any) -> bytes:
         raise ImagePromptError(IMAGE_FIELD, "must not be empty (a base64 PNG, JPEG or WebP image)")
     try:
         return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImagePromptError(IMAGE_FIELD, f"is not valid base64 ({exc})") from None
+    except (binascii.Error, ValueError):
+        raise ImagePromptError(
+            IMAGE_FIELD, "is not valid base64 (A-Z, a-z, 0-9, + and /, padded with = to a multiple of 4)"
+        ) from None
 
 
 def decode_image(data_b64: str, max_pixels: int) -> Image.Image:
@@ -141,11 +143,32 @@ def decode_image(data_b64: str, max_pixels: int) -> Image.Image:
             return im.convert("RGB")
     except ImagePromptError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImagePromptError(IMAGE_FIELD, f"is too large to decode ({exc})") from None
+    except Image.DecompressionBombError:
+        raise ImagePromptError(IMAGE_FIELD, f"is too large to decode (more than {limit} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # Truncated or corrupt data behind a valid signature; PIL raises all of these.
-        raise ImagePromptError(IMAGE_FIELD, f"is not a valid {name} image ({exc})") from None
+        raise ImagePromptError(IMAGE_FIELD, f"is not a valid {name} image ({_why_invalid(exc)})") from None
+
+
+def _why_invalid(exc: BaseException) -> str:
+    """What is wrong with data PIL refused, in words of our own: PIL's messages can quote a Python object
+    (`cannot identify image file <_io.BytesIO object at 0x7f...>`), which a client must never see."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "its header cannot be read"
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+        return "the file is cut short"
+    return "its data are corrupt"
+
+
+def _describe(value: Any) -> str:
+    """A client's value for an error message: a number as written, anything else by its JSON type (never a
+    repr, which could be long or quote an object)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (str, "a string"), (Mapping, "an object"), (list | tuple, "an array"))
+    return next((noun for kind, noun in kinds if isinstance(value, kind)), "a value of another kind")
 
 
 def check_borders(borders: Mapping[str, Any], tokens_per_dim: int) -> dict[str, int]:
@@ -168,7 +191,8 @@ def check_borders(borders: Mapping[str, Any], tokens_per_dim: int) -> dict[str, 
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= tokens_per_dim:
             raise ImagePromptError(
                 f"{BORDERS_FIELD}.{side}",
-                f"must be an integer from 0 to {tokens_per_dim} (image tokens, 8 pixels each), got {value!r}",
+                f"must be an integer from 0 to {tokens_per_dim} (image tokens, 8 pixels each), "
+                f"got {_describe(value)}",
             )
         sides[side] = value
     if not any(sides.values()):

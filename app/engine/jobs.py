@@ -6,7 +6,7 @@ The scheduler sees only these: it hands `Pipeline.run` a list of `Job`s and gets
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.engine.params import GenerationParams
 
@@ -15,6 +15,11 @@ from app.engine.params import GenerationParams
 class Job:
     query: str
     params: GenerationParams
+    #: Where this job's previews go (`params.preview_every` > 0): (step, one base64 JPEG per image),
+    #: called from the preview renderer's thread. None: no previews are rendered for it.
+    on_preview: Callable[[int, list[str]], None] | None = field(default=None, repr=False, compare=False)
+    #: Asked before a preview is rendered: whether anyone would see it now (default: yes).
+    wants_preview: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -43,8 +48,9 @@ Outcome = JobResult | JobFailed | None
 @dataclass(frozen=True)
 class Progress:
     """One job's progress at a decode tick: ``step`` of ``steps`` image positions (averaged over its
-    images; ``steps`` is ``image_seq_length``, 1024 for Kandinsky), and, when the job asked for
-    previews and one is due, ``preview``: one base64 JPEG per image of the job, rows not yet sampled grey.
+    images; ``steps`` is ``image_seq_length``, 1024 for Kandinsky). ``preview`` is never set by the
+    pipeline's ticks (previews go to `Job.on_preview`); the scheduler sets it when it passes a preview
+    on: one base64 JPEG per image of the job, of the grid at ``step``, rows not yet sampled grey.
     """
 
     step: int

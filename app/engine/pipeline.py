@@ -1,8 +1,9 @@
 """One batch of jobs: tokenize -> sample tokens -> VQ-GAN decode -> ruCLIP rank -> upscale -> encode.
 
-The pipeline is synchronous and owns no threads: the scheduler calls `Pipeline.run` from its single GPU
-worker thread with the jobs it merged into one batch. Every stage is a short function that returns a
-named result, so a reader can follow the data path top to bottom.
+The pipeline is synchronous: the scheduler calls `Pipeline.run` from its single GPU worker thread with
+the jobs it merged into one batch. Every stage is a short function that returns a named result, so a
+reader can follow the data path top to bottom. Previews alone are drawn on a thread of their own
+(`app.engine.previews`), so that they never hold the decode up.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import base64
 import io
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from app.engine import placement, store
@@ -36,6 +38,7 @@ from app.engine.nets.decoding import (
 from app.engine.nets.realesrgan import RRDBNet, upscale_batch
 from app.engine.nets.vqgan import VQGANDecoder, VQGANEncoder
 from app.engine.params import FORMATS, MAX_IMAGE_PROMPT_PIXELS, STAGES, ImagePrompt
+from app.engine.previews import Deliver, PreviewRenderer
 from app.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class _JobState:
     ranked: Ranked | None = None
     kept: list[np.ndarray] = field(default_factory=list)  # uint8 [H, W, 3] each, best first
     encoded: list[str] = field(default_factory=list)
+    preview_step: int = 0  # the step of the newest grid handed to the preview renderer
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
 
@@ -115,6 +119,8 @@ class Pipeline:
         self.main_device = torch.device(plan.main_device)
         self.image_vocab_size = manifest.dalle.image_vocab_size
         self.vqgan_encoder = vqgan_encoder  # image prompts; None: a pipeline that cannot take them
+        # Previews are drawn on their own thread, never on the decode thread (SPEC section 7).
+        self.previews = PreviewRenderer(self.render_preview, self.main_device)
 
     @property
     def max_batch_images(self) -> int:
@@ -178,9 +184,12 @@ class Pipeline:
     def run(self, jobs: Sequence[Job], on_step: OnProgress | None = None) -> list[Outcome]:
         """Run one merged batch; every job keeps its own params and seed. One outcome per job.
 
-        ``on_step`` gets every job's `Progress` once per completed image row (with previews for the
-        jobs that asked) and may name jobs to stop (see ``OnProgress``): a stopped job's outcome is
-        None and it costs no further time; the other jobs go on unchanged.
+        ``on_step`` gets every job's `Progress` once per completed image row and may name jobs to stop
+        (see ``OnProgress``): a stopped job's outcome is None and it costs no further time; the other
+        jobs go on unchanged. A job with `preview_every` and an `on_preview` gets its previews there, from
+        the renderer's thread (`app.engine.previews`), when `wants_preview` says someone would see one:
+        in step order, coalesced to the newest grid when the renderer falls behind, the newest one of a
+        finished job always drawn, and none after `run` returns.
 
         Failures end here, not in the caller. A job whose input cannot be prepared (tokenized, its image
         prompt encoded) fails alone with an `invalid` `JobFailed` before the batch decodes: the others
@@ -225,67 +234,147 @@ class Pipeline:
     def _run_batch(self, jobs: Sequence[Job], requests: list[GenerationRequest],
                    on_step: OnProgress | None) -> list[JobResult | None]:
         states = [_JobState(job) for job in jobs]
-        with torch.inference_mode():
-            self._generate(states, requests, on_step)
-            for st in states:
-                if st.output is None:
-                    continue
-                self._decode(st)
-                self._rank(st)
-                self._upscale(st)
-                self._encode(st)
+        run = object()
+        keys = [(run, n) for n in range(len(jobs))]  # this run's jobs in the preview renderer
+        try:
+            with torch.inference_mode():
+                self._generate(states, requests, on_step, keys)
+                for key, st in zip(keys, states, strict=True):
+                    if st.output is None:
+                        continue
+                    self._decode(st)
+                    self._finished_preview(key, st, st.job.on_preview)
+                    self._rank(st)
+                    self._upscale(st)
+                    self._encode(st)
+            # A job whose newest preview is a partial grid gets it drawn (while the stages ran, mostly).
+            for key, st in zip(keys, states, strict=True):
+                if st.output is not None and st.preview_step:
+                    self.previews.flush(key)
+        finally:
+            for key in keys:  # no preview of these jobs after this: their results come after `run`
+                self.previews.close(key)
         return [self._result(st) if st.output is not None else None for st in states]
 
+    def _finished_preview(self, key: Hashable, st: _JobState, deliver: Deliver | None) -> None:
+        """When a preview was due at the last row, it is the job's decoded images: JPEG those here (the
+        VQ-GAN ran anyway) rather than wait for the renderer to decode the same codes again."""
+        steps = self.manifest.dalle.image_seq_length
+        if deliver is None or st.preview_step != steps:
+            return
+        st.preview_step = 0  # settled here
+        if self.previews.close(key) < steps:
+            assert st.pixels is not None
+            deliver(steps, preview_jpegs(st.pixels))
+
     def _generate(self, states: list[_JobState], requests: list[GenerationRequest],
-                  on_step: OnProgress | None) -> None:
+                  on_step: OnProgress | None, keys: list[tuple[object, int]]) -> None:
         t0 = time.perf_counter()
-        tick = None if on_step is None else self._progress_reporter([st.job for st in states], on_step)
+        jobs = [st.job for st in states]
+        previews = any(job.on_preview is not None and job.params.preview_every for job in jobs)
+        tick = self._progress_reporter(states, on_step, keys) if on_step is not None or previews else None
         outputs = self._generate_splitting_on_oom(requests, tick)
         elapsed = time.perf_counter() - t0
         for st, out in zip(states, outputs, strict=True):
             st.output = out
             st.timings["generate"] = elapsed  # the batch's wall time: every job waited for all of it
 
-    def _progress_reporter(self, jobs: Sequence[Job], on_step: OnProgress) -> OnStep:
-        """The decoder's tick, as every job's `Progress`; renders a job's preview when one is due."""
+    def finish_job(self, job: Job, output: GenerationOutput, generate_s: float, *,
+                   previews: tuple[Hashable, int, Deliver] | None = None) -> Outcome:
+        """A job whose codes are sampled (continuous batching): VQ-GAN decode, rank, upscale, encode.
+        Safe on another thread than the decode loop's; a failure fails this job only.
+
+        `previews`: (its key in `self.previews`, the step of the newest grid handed over, where its
+        previews go). Its previews are then settled before this returns, as `run` settles its jobs': a
+        finished grid is JPEG'd from the decoded images, a newer partial one is drawn, and none is
+        delivered after this returns."""
+        st = _JobState(job, output=output)
+        st.timings["generate"] = generate_s
+        if previews is not None:
+            st.preview_step = previews[1]
+        try:
+            with torch.inference_mode():
+                self._decode(st)
+                if previews is not None:
+                    self._finished_preview(previews[0], st, previews[2])
+                self._rank(st)
+                self._upscale(st)
+                self._encode(st)
+            if previews is not None and st.preview_step:
+                self.previews.flush(previews[0])
+            return self._result(st)
+        except Exception as exc:
+            log.exception("finishing a job of %d image(s) failed", job.params.images_to_gen)
+            message = failure_message(exc, job.params.images_to_gen)
+        finally:
+            if previews is not None:
+                self.previews.close(previews[0])
+        release_memory()
+        return JobFailed(message)
+
+    def _progress_reporter(self, states: Sequence[_JobState], on_step: OnProgress | None,
+                           keys: list[tuple[object, int]]) -> OnStep:
+        """The decoder's tick, as every job's `Progress`; hands a job's grid to the preview renderer
+        when a preview is due and someone would see it (`Job.on_preview`, `Job.wants_preview`)."""
         steps = self.manifest.dalle.image_seq_length
         per_row = self.manifest.dalle.image_tokens_per_dim
-        previewed = [0] * len(jobs)  # image rows of the last preview sent, per job
+        previewed = [0] * len(states)  # image rows of the last preview due, per job
 
         def tick(t: Tick) -> Collection[int] | None:
             progress: list[Progress | None] = []
-            for n, job in enumerate(jobs):
+            for n, st in enumerate(states):
+                job = st.job
                 step = t.done[n] // job.params.images_to_gen
                 every, rows = job.params.preview_every, step // per_row
-                preview = None
-                if every and rows >= previewed[n] + every:
+                if every and job.on_preview is not None and rows >= previewed[n] + every:
                     previewed[n] = rows - rows % every
-                    preview = self.render_preview(t.partial(n))
-                progress.append(Progress(step=step, steps=steps, preview=preview))
-            return on_step(progress)
+                    if job.wants_preview is None or job.wants_preview():
+                        # A CPU copy of the grid (small ints): the renderer's thread draws it while the
+                        # decode goes on, and never reads the decoder's own tensors.
+                        self.previews.submit(keys[n], step, t.partial(n), job.on_preview)
+                        st.preview_step = step
+                progress.append(Progress(step=step, steps=steps))
+            stop = on_step(progress) if on_step is not None else None
+            for n in stop or ():
+                self.previews.drop(keys[n])  # a stopped job's pending grid is not worth drawing
+            return stop
 
         return tick
 
     def render_preview(self, partial: torch.Tensor) -> list[str]:
         """Partial codes [n, image_seq_length] (-1: not sampled yet) -> one base64 JPEG per image,
-        PREVIEW_SIZE square, decoded through the VQ-GAN with the cells of unsampled tokens grey."""
+        PREVIEW_SIZE square, decoded through the VQ-GAN with the cells of unsampled tokens grey.
+
+        Only the rows sampled so far go through the VQ-GAN (the rest would be painted grey anyway), so a
+        preview early in the grid costs a fraction of a full decode; near the edge of the sampled rows
+        its pixels may differ a little from what the whole grid decodes to."""
         t0 = time.perf_counter()
         per_row = self.manifest.dalle.image_tokens_per_dim
         known = (partial >= 0).view(-1, per_row, per_row)  # [n, rows, cols]
-        pixels = self.vqgan.decode(partial.clamp(min=0).to(self.main_device)).cpu()  # uint8 [n, H, W, 3]
-        cell = pixels.shape[1] // per_row
+        rows = max(1, int(known.any(2).sum(1).max()))  # rows with a sampled cell, in the furthest image
+        pixels = self._decode_rows(partial[:, : rows * per_row].clamp(min=0), rows)  # uint8 [n, h, W, 3]
+        cell = pixels.shape[2] // per_row
+        full = torch.full((pixels.shape[0], per_row * cell, per_row * cell, pixels.shape[3]), PREVIEW_GREY,
+                          dtype=torch.uint8)
+        full[:, : pixels.shape[1]] = pixels
         mask = known.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # [n, H, W]
-        pixels[~mask] = PREVIEW_GREY
-        out = []
-        for px in pixels:
-            image = Image.fromarray(px.numpy())
-            if image.size != (PREVIEW_SIZE, PREVIEW_SIZE):
-                image = image.resize((PREVIEW_SIZE, PREVIEW_SIZE), Image.Resampling.BICUBIC)
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
-            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        log.debug("preview of %d image(s) in %.3f s", len(out), time.perf_counter() - t0)
+        full[~mask] = PREVIEW_GREY
+        out = preview_jpegs(full)
+        log.debug("preview of %d image(s), %d row(s), in %.3f s", len(out), rows, time.perf_counter() - t0)
         return out
+
+    def _decode_rows(self, codes: torch.Tensor, rows: int) -> torch.Tensor:
+        """VQ-GAN decode of the top `rows` rows of each grid: codes [n, rows * per_row] -> uint8 [n, h, W, 3]
+        on the CPU (the decoder is convolutional, with attention over whatever grid it is given)."""
+        vq = self.vqgan
+        weight = vq.quantize.embed.weight
+        outs = []
+        for i in range(0, codes.shape[0], vq.chunk):
+            z = F.embedding(codes[i : i + vq.chunk].to(weight.device), weight)  # [b, rows * cols, embed]
+            z = z.transpose(1, 2).reshape(z.shape[0], -1, rows, codes.shape[1] // rows)  # [b, e, rows, cols]
+            x = vq.decoder(vq.post_quant_conv(z))  # [b, 3, h, W]
+            outs.append(((x.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        return torch.cat(outs)
 
     def _request(self, job: Job) -> GenerationRequest:
         cfg = self.manifest.dalle
@@ -424,6 +513,19 @@ def release_memory() -> None:
     """Return cached CUDA memory to the driver (a no-op without CUDA)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def preview_jpegs(pixels: torch.Tensor) -> list[str]:
+    """uint8 [n, H, W, 3] -> one base64 JPEG per image, PREVIEW_SIZE square."""
+    out = []
+    for px in pixels:
+        image = Image.fromarray(px.numpy())
+        if image.size != (PREVIEW_SIZE, PREVIEW_SIZE):
+            image = image.resize((PREVIEW_SIZE, PREVIEW_SIZE), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
 
 
 def encode_image(pixels: np.ndarray, fmt: str) -> str:

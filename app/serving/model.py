@@ -18,10 +18,13 @@ from app.serving.core.jobs import Jobs
 from app.serving.core.schema import Limits, Schema
 from app.serving.core.service import Service
 from app.serving.core.settings import ServerSettings
+from app.serving.observability import metrics
 from app.serving.observability.metrics import PrometheusJobObserver, PrometheusObserver
+from app.serving.protocols import jobs as jobs_protocol
 from app.serving.protocols import v1, v2
 from app.serving.protocols.routes import ProtocolContext
 from app.serving.queue.local import LocalQueue
+from app.serving.queue.loop_worker import LoopWorker
 from app.serving.queue.memory_jobs import MemoryJobStore
 from app.serving.queue.worker import BatchWorker
 
@@ -36,10 +39,12 @@ class KandinskyModel(kserve.Model):
         self.settings = settings or ServerSettings()
         s = self.settings
         self.pipeline: Any = None
-        self.worker: BatchWorker | None = None
+        self.worker: BatchWorker | LoopWorker | None = None
         self.service = Service(name, timeout_s=s.request_timeout)
-        store = MemoryJobStore(ttl=s.job_ttl, max_finished=s.max_jobs, observer=PrometheusJobObserver())
-        self.jobs = Jobs(self.service, store, ttl=s.job_ttl)
+        store = MemoryJobStore(ttl=s.job_ttl, max_finished=s.max_jobs, max_result_bytes=s.max_job_bytes,
+                               observer=PrometheusJobObserver())
+        metrics.JOB_RESULT_BYTES.set_function(store.result_bytes)
+        self.jobs = Jobs(self.service, store, ttl=s.job_ttl, encode=jobs_protocol.encode_event)
         self.context = ProtocolContext(name, self.service, self.jobs, s, self.card)
 
     def load(self) -> bool:
@@ -66,7 +71,8 @@ class KandinskyModel(kserve.Model):
                                int(pipeline.manifest.dalle.image_tokens_per_dim)))
         observer = PrometheusObserver()
         queue = LocalQueue(s.queue_size, observer)
-        self.worker = BatchWorker(
+        worker_class = LoopWorker if s.continuous_batching else BatchWorker
+        self.worker = worker_class(
             pipeline, queue, max_batch_images=pipeline.max_batch_images, observer=observer
         )
         self.worker.start()
@@ -74,8 +80,9 @@ class KandinskyModel(kserve.Model):
         self.service.open(queue, schema, lambda: worker.alive)
         self.ready = True
         log.info(
-            "model %s ready: batch limit %d images, queue %d requests, deadline %.0f s",
-            self.name, self.worker.max_batch_images, s.queue_size, s.request_timeout,
+            "model %s ready: %s, %d images at once, queue %d requests, deadline %.0f s", self.name,
+            "continuous batching" if s.continuous_batching else "batch at a time",
+            pipeline.max_batch_images, s.queue_size, s.request_timeout,
         )
 
     @property

@@ -166,7 +166,8 @@ def wide_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def srv(wide_model_dir: Path) -> Iterator[dict[str, Any]]:
-    yield from serve(wide_model_dir, "--max_batch_images", "16")
+    # Batch at a time, as merged batches are what this module checks (test_continuous.py: the loop).
+    yield from serve(wide_model_dir, "--max_batch_images", "16", "--no-continuous_batching")
 
 
 @pytest.fixture(scope="module")

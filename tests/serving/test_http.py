@@ -36,6 +36,11 @@ def one(query: str, **params: Any) -> dict[str, Any]:
     return {"instances": [{"query": query, "params": {**SMALL, **params}}]}
 
 
+#: These tests count `Pipeline.run` calls (merged batches), so they run the batch-at-a-time worker; the
+#: continuous-batching loop is tested through the real server process (tests/serving/test_continuous.py).
+BATCH = {"continuous_batching": False}
+
+
 class CountingPipeline:
     """The real pipeline, recording the jobs of every run() call and able to fail the next one."""
 
@@ -80,7 +85,8 @@ def pipeline(tiny_model_dir) -> CountingPipeline:
 
 @pytest.fixture(scope="module")
 def served(pipeline) -> tuple[KandinskyModel, FastAPI]:
-    model = KandinskyModel(NAME, ServerSettings(queue_size=2, request_timeout=300, max_body_bytes=4096))
+    settings = ServerSettings(queue_size=2, request_timeout=300, max_body_bytes=4096, **BATCH)
+    model = KandinskyModel(NAME, settings)
     model.attach(pipeline)
     yield model, build_app(model)
     model.stop()
@@ -405,7 +411,7 @@ async def test_openapi_documents_the_predict_body_and_docs_are_served(served):
 
 
 async def test_readiness_is_503_before_load_and_200_after(pipeline):
-    model = KandinskyModel(NAME, ServerSettings())
+    model = KandinskyModel(NAME, ServerSettings(**BATCH))
     app = build_app(model)
     async with client(app) as c:
         before = await c.get(f"/v1/models/{NAME}")
@@ -424,7 +430,7 @@ async def test_readiness_is_503_before_load_and_200_after(pipeline):
 
 
 async def test_liveness_fails_whenever_the_model_is_not_loaded_or_its_worker_stopped(pipeline):
-    model = KandinskyModel(NAME, ServerSettings())
+    model = KandinskyModel(NAME, ServerSettings(**BATCH))
     app = build_app(model)
     async with client(app) as c:
         before = [(await c.get(p)).status_code for p in ("/v2/health/live", "/v2/health/ready")]
@@ -440,7 +446,7 @@ async def test_liveness_fails_whenever_the_model_is_not_loaded_or_its_worker_sto
 
 
 async def test_request_that_cannot_finish_by_the_deadline_is_504(pipeline, scenario):
-    model = KandinskyModel(NAME, ServerSettings(request_timeout=0.2))
+    model = KandinskyModel(NAME, ServerSettings(request_timeout=0.2, **BATCH))
     model.attach(pipeline)
     app = build_app(model)
     async with client(app) as c:

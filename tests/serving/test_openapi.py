@@ -41,7 +41,8 @@ JOB_EVENTS = JOBS + "/{job_id}/events"
 OPENAI_GENERATIONS = "/openai/v1/images/generations"
 # SPEC.md section 7: a job's events and their data (a component, or the predict response).
 JOB_EVENT_DATA = {"status": "JobView", "progress": "JobProgressView", "preview": "JobPreview",
-                  "succeeded": "Prediction|MultiPrediction", "failed": "JobFailure", "cancelled": "JobView"}
+                  "succeeded": "Prediction|MultiPrediction|JobView", "failed": "JobFailure",
+                  "cancelled": "JobView"}
 
 # SPEC.md section 3: what each route answers (and nothing else).
 STATUSES: dict[tuple[str, str], set[int]] = {
@@ -60,7 +61,7 @@ STATUSES: dict[tuple[str, str], set[int]] = {
     ("GET", "/openai/v1/models"): {200},
     # SPEC.md section 7: jobs.
     ("POST", "/v1/models/{model_name}/jobs"): {200, 202, 400, 404, 408, 409, 413, 415, 503},
-    ("GET", "/v1/models/{model_name}/jobs"): {200, 404},
+    ("GET", "/v1/models/{model_name}/jobs"): {200, 400, 404},
     ("GET", "/v1/models/{model_name}/jobs/{job_id}"): {200, 404},
     ("DELETE", "/v1/models/{model_name}/jobs/{job_id}"): {200, 404, 409},
     ("GET", "/v1/models/{model_name}/jobs/{job_id}/events"): {200, 404},

@@ -31,6 +31,7 @@ class FakeParams:
     images_to_gen: int
     seed: int = 0
     format: str = "png"
+    preview_every: int = 0
 
 
 @dataclass

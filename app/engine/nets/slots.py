@@ -70,6 +70,7 @@ class SlotDecoder:
         self._graphs: dict[tuple[int, int, int], _CapturedSegment] = {}
         self._static_pos: dict[torch.device, torch.Tensor] = {}
         self._cache_generation: int | None = None
+        self._live: torch.Tensor | None = None  # [P] bool on the head device, rebuilt when rows change
         self._allocate()
 
     # ----------------------------------------------------------------------------------- state
@@ -108,6 +109,10 @@ class SlotDecoder:
 
     def keys(self) -> list[Hashable]:
         return list(self._requests)
+
+    def rows(self, key: Hashable) -> int:
+        """The request's rows (images) in the loop."""
+        return len(self._requests[key].slots)
 
     def progress(self, key: Hashable) -> int:
         """Image positions the request has sampled per image (0..image_seq_length)."""
@@ -158,6 +163,7 @@ class SlotDecoder:
         self.ppl_sum[idx] = 0
         self.ppl_count[idx] = 0
         self._requests[key] = _Admitted(request, slots, joined_at=self.steps_run, done=[False] * n)
+        self._live = None
 
     def cancel(self, key: Hashable) -> None:
         """The request leaves the loop now; its slots are free for the next admission."""
@@ -167,6 +173,7 @@ class SlotDecoder:
 
     def _release(self, slots: list[int]) -> None:
         self._free = sorted(self._free + slots)
+        self._live = None
 
     # ----------------------------------------------------------------------------------- the step
 
@@ -175,28 +182,26 @@ class SlotDecoder:
         """One token in every live row; returns the requests whose rows are all done, with their output."""
         if not self._requests:
             return []
-        d = self.decoder
         seq = self.seq
-        live = torch.zeros(self.slots, dtype=torch.bool)
-        for adm in self._requests.values():
-            live[adm.slots] = True
-        live = live.to(d.head_device)
-        j = self.step_of  # [P]
-        u = self.uniforms.gather(1, j[:, None])[:, 0]
-        tok = sample_tokens(self.logits, u, self.temperature, self.top_k, self.top_p)  # [P]
-        given = self.forced.gather(1, j[:, None])[:, 0]
+        hi = self._rows()
+        live = self._live_mask()[:hi]
+        j = self.step_of[:hi]  # [R]
+        logits = self.logits[:hi]
+        u = self.uniforms[:hi].gather(1, j[:, None])[:, 0]
+        tok = sample_tokens(logits, u, self.temperature[:hi], self.top_k[:hi], self.top_p[:hi])  # [R]
+        given = self.forced[:hi].gather(1, j[:, None])[:, 0]
         tok = torch.where(given >= 0, given, tok)
         # Upstream's ppl: exp(CE) of the raw logits over image tokens 1.., exact zeros and forced
         # positions excluded (as ImageTokenDecoder).
-        ce = F.cross_entropy(self.logits, tok, reduction="none")
+        ce = F.cross_entropy(logits, tok, reduction="none")
         counted = (ce != 0) & (given < 0) & (j > 0) & live
-        self.ppl_sum += torch.where(counted, ce.exp(), torch.zeros_like(ce))
-        self.ppl_count += counted
-        self.codes.scatter_(1, j[:, None], tok[:, None])
+        self.ppl_sum[:hi] += torch.where(counted, ce.exp(), torch.zeros_like(ce))
+        self.ppl_count[:hi] += counted
+        self.codes[:hi].scatter_(1, j[:, None], tok[:, None])
         # Where the sampled token is fed; a row that sampled its last token is done (and not fed, as
         # padding it reads a valid position).
         pos = self.cfg.n_text + j.clamp(max=seq - 2)
-        self.step_of = torch.where(live, (j + 1).clamp(max=seq - 1), j)
+        self.step_of[:hi] = torch.where(live, (j + 1).clamp(max=seq - 1), j)
         self.steps_run += 1
 
         finished: list[tuple[Hashable, GenerationOutput]] = []
@@ -207,8 +212,25 @@ class SlotDecoder:
                 del self._requests[key]
                 self._release(adm.slots)
         if self._requests:
-            self.logits = self._forward(tok, pos)
+            fed = self._rows()
+            self.logits[:fed] = self._forward(tok[:fed], pos[:fed], fed)
         return finished
+
+    def _rows(self) -> int:
+        """Rows a step runs: every slot on CUDA (one shape for graphs and kernels), on the CPU up to the
+        last live slot (the row floors keep each row's bits whatever the count; free slots are taken
+        lowest first, so live rows gather at the front)."""
+        if self.decoder.head_device.type == "cuda":
+            return self.slots
+        return 1 + max(s for adm in self._requests.values() for s in adm.slots)
+
+    def _live_mask(self) -> torch.Tensor:
+        if self._live is None:
+            live = torch.zeros(self.slots, dtype=torch.bool)
+            for adm in self._requests.values():
+                live[adm.slots] = True
+            self._live = live.to(self.decoder.head_device)
+        return self._live
 
     def _output(self, adm: _Admitted) -> GenerationOutput:
         idx = torch.tensor(adm.slots, device=self.decoder.head_device)
@@ -216,10 +238,10 @@ class SlotDecoder:
         ppl = torch.where(c > 0, s / c.clamp(min=1), torch.ones_like(s))
         return GenerationOutput(codes=self.codes[idx].cpu(), ppl=ppl.cpu())
 
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed tokens [P] at per-row positions [P]; the next image logits [P, iv] fp32."""
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: int) -> torch.Tensor:
+        """Feed tokens [R] at per-row positions [R] into cache rows 0..R-1; the next logits [R, iv] fp32."""
         d = self.decoder
-        groups = d._groups(self.slots)
+        groups = d._groups(rows)
         out = []
         for g in groups:
             x: torch.Tensor = tokens[g.r0 : g.r1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Seconds a client should wait before retrying a 503 (queue full, not ready, shutting down).
 RETRY_AFTER_S = 5
@@ -19,6 +20,59 @@ Loc = tuple[str | int, ...]
 def encodable(text: str) -> str:
     """`text` with whatever UTF-8 cannot encode (lone surrogates) written as `\\udXXX` escapes."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unencodable_text(at: int) -> str:
+    """What is wrong with text that UTF-8 cannot encode, in the words the v1 schema uses."""
+    return f"must be text that UTF-8 can encode; a lone surrogate at character {at}"
+
+
+@dataclass(frozen=True)
+class Unencodable:
+    """The first string of a decoded JSON document that UTF-8 cannot encode: where, and at which character.
+    `in_key`: the string is a key of the object at `loc`."""
+
+    loc: Loc
+    at: int
+    in_key: bool = False
+
+    def text(self) -> str:
+        if self.in_key:
+            return (f"{format_loc(self.loc)}: a key is not text that UTF-8 can encode "
+                    f"(a lone surrogate at character {self.at})")
+        return f"{format_loc(self.loc)}: {unencodable_text(self.at)}"
+
+
+def find_unencodable(doc: Any, skip: Callable[[Loc], bool] = lambda loc: False) -> Unencodable | None:
+    """The first string (key or value) in `doc` (decoded JSON) that UTF-8 cannot encode, depth first; the
+    places `skip` accepts are not looked into. JSON text carries a lone surrogate as `"\\ud800"`, which
+    Python's parser keeps, and which would fail later wherever the text is encoded."""
+    stack: list[tuple[Loc, Any]] = [((), doc)]
+    while stack:
+        loc, value = stack.pop()
+        if skip(loc):
+            continue
+        if isinstance(value, str):
+            at = _surrogate_at(value)
+            if at is not None:
+                return Unencodable(loc, at)
+        elif isinstance(value, dict):
+            for key in value:
+                at = _surrogate_at(key) if isinstance(key, str) else None
+                if at is not None:
+                    return Unencodable(loc, at, in_key=True)
+            stack.extend(reversed([((*loc, str(k)), v) for k, v in value.items()]))
+        elif isinstance(value, list):
+            stack.extend(reversed([((*loc, i), v) for i, v in enumerate(value)]))
+    return None
+
+
+def _surrogate_at(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def format_loc(loc: Loc) -> str:

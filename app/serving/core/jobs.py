@@ -1,6 +1,11 @@
 """Jobs (SPEC section 7): a request that answers at once and is followed by its id. `Jobs` submits the
 request through the `Service` (the same queue, batching, seeds and deadline as predict), turns the work's
 events into the job's record and its typed events, and keeps both in a `JobStore`.
+
+Each event is one object shared by every subscriber, encoded once by the protocol layer's encoder (the
+core never looks at the bytes). A finished job's final event is sealed at once: its result is then held
+only as those bytes, which the store counts against its byte bound, and which every late subscriber
+gets as the same bytes object. Previews are rendered only while the job has an open stream.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from app.serving.core.errors import Conflict, NotFound, ServiceError
 from app.serving.core.service import Service
 from app.serving.core.types import (
     Event,
+    EventEncoder,
     JobEvent,
     JobEventName,
     JobRecord,
@@ -38,10 +44,11 @@ log = logging.getLogger(__name__)
 class Jobs:
     """Submit, get, list, cancel and follow jobs of one served model."""
 
-    def __init__(self, service: Service, store: JobStore, *, ttl: float) -> None:
+    def __init__(self, service: Service, store: JobStore, *, ttl: float, encode: EventEncoder) -> None:
         self.service = service
         self.store = store
         self.ttl = ttl  # seconds a finished job is kept, for messages
+        self.encode = encode  # an event -> its bytes on the wire (the protocol layer's)
         self._work: dict[str, Work] = {}  # job id -> its queued or running work
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -69,7 +76,8 @@ class Jobs:
             images=[int(job.params.images_to_gen) for job in request.instances],
             tenant=tenant,
         )
-        work = self.service.submit(request, listener=lambda event: self._heard(record, event))
+        work = self.service.submit(request, listener=lambda event: self._heard(record, event),
+                                   wants_previews=lambda: self.store.watched(record.id))
         self._work[record.id] = work
         self.store.add(record)
         self._tasks[record.id] = asyncio.ensure_future(self._run(record, work))
@@ -125,8 +133,10 @@ class Jobs:
             raise NotFound(f"job {job_id!r} is unknown or expired (finished jobs are kept {self.ttl:g} s)")
         return record
 
-    def recent(self, limit: int | None = None, tenant: str | None = None) -> list[JobRecord]:
-        return self.store.recent(limit, tenant)
+    def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
+               ) -> list[JobRecord]:
+        """The most recent jobs, newest first; `before`: only those older than the job of that `seq`."""
+        return self.store.recent(limit, tenant, before)
 
     def position(self, record: JobRecord) -> int | None:
         """Requests ahead of a queued job (0: next); None once it runs or ended."""
@@ -137,7 +147,7 @@ class Jobs:
 
     def snapshot(self, record: JobRecord) -> JobRecord:
         """The record as it is now, with its queue position (status events carry one)."""
-        return dataclasses.replace(record)
+        return dataclasses.replace(record, queue_position=self.position(record))
 
     def cancel(self, record: JobRecord) -> None:
         """Cancel a queued job (it never runs) or a running one (it stops at the next progress tick,
@@ -157,43 +167,65 @@ class Jobs:
                 error: str | None = None) -> None:
         if record.done:
             return
-        record.status, record.result, record.error = status, result, error
+        record.status, record.error = status, error
         record.finished, record.finished_at = round(time.time(), 3), time.monotonic()
         self._work.pop(record.id, None)
-        self.store.save(record)
-        self._publish(record, JobEventName(status.value), self.final_data(record))
+        data: Any = result if status == JobStatus.SUCCEEDED else error if status == JobStatus.FAILED else None
+        final = JobEvent(JobEventName(status.value), data if data is not None else self.snapshot(record))
+        wire = final.seal(self.encode)  # the result is held once, as the bytes every stream sends
+        record.final = final
+        if status == JobStatus.SUCCEEDED:
+            record.result_bytes = len(wire)
+        self.store.save(record)  # counts the result against the byte bound (an older one may expire)
+        self.store.publish(record, final)
 
     # ---- events -----------------------------------------------------------------------------------
 
     def _publish(self, record: JobRecord, name: JobEventName, data: Any) -> None:
-        self.store.publish(record, JobEvent(name, data))
+        event = JobEvent(name, data)
+        if self.store.watched(record.id):
+            event.encoded(self.encode)  # once, here: every subscriber sends these bytes
+        self.store.publish(record, event)
 
-    async def events(self, record: JobRecord, *, owner: bool = False) -> AsyncIterator[JobEvent]:
-        """The job's events: its status now, then its events to the final one.
+    async def events(self, record: JobRecord, *, owner: bool = False, idle: float | None = None
+                     ) -> AsyncGenerator[JobEvent | None, None]:
+        """The job's events: its status now, then its events to the final one; with `idle`, a None at
+        least every `idle` seconds in between, whether events come or not (the stream's cue for a
+        keep-alive comment).
 
         `owner`: this stream submitted the job; if its reader goes away first, the job is cancelled.
         """
         subscription = self.store.subscribe(record)
+        clock = asyncio.get_running_loop().time
+        due = None if idle is None else clock() + idle
         try:
             yield JobEvent(JobEventName.STATUS, self.snapshot(record))
             if record.done:
-                yield JobEvent(JobEventName(record.status.value), self.final_data(record))
+                yield self.final_event(record)
                 return
-            async for event in subscription:
-                yield event
+            while True:
+                event = await subscription.next(None if due is None else max(0.0, due - clock()))
+                if event is not None:
+                    yield event
+                    if event.name.final:
+                        return
+                if idle is not None and due is not None and clock() >= due:
+                    yield None
+                    due = clock() + idle
         finally:
             await subscription.aclose()
             if owner and not record.done:
                 log.info("job %s: its stream's client went away, cancelling it", record.id)
                 self.cancel(record)
 
-    def final_data(self, record: JobRecord) -> Any:
-        """The final event's data: the result (succeeded), the error text (failed), the record (cancelled)."""
-        if record.status == JobStatus.SUCCEEDED:
-            return record.result
-        if record.status == JobStatus.FAILED:
-            return record.error
-        return self.snapshot(record)
+    def final_event(self, record: JobRecord) -> JobEvent:
+        """A finished job's final event, the same object (and bytes) for every late subscriber: the result
+        (succeeded), the error (failed), the record (cancelled). Once a result expired: `succeeded` with
+        the record, which says `result_expired`."""
+        if record.final is None:  # its result expired
+            record.final = JobEvent(JobEventName(record.status.value), self.snapshot(record))
+            record.final.seal(self.encode)
+        return record.final
 
 
 def _fingerprint(payload: Any) -> str:

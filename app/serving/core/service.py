@@ -75,14 +75,22 @@ class Service:
         jobs = tuple(Job(inst.query, generation_params(inst)) for inst in instances)
         return ImageRequest(jobs, timeout_s=self.timeout_s, protocol=protocol, tenant=tenant)
 
-    def submit(self, request: ImageRequest, listener: Listener | None = None) -> Work:
+    def submit(
+        self,
+        request: ImageRequest,
+        listener: Listener | None = None,
+        wants_previews: Callable[[], bool] | None = None,
+    ) -> Work:
         """Queue a request without waiting; QueueFull or ShuttingDown (503) when it cannot be taken.
-        `listener` hears its events (started, progress) on this event loop."""
+        `listener` hears its events (started, progress) on this event loop; `wants_previews` says whether
+        a preview would be seen now (default: always)."""
         queue, _ = self._serving()
         if not request.instances:
             raise ValueError("a request needs at least one instance")
         now = time.monotonic()
         work = Work(request, enqueued=now, deadline=now + request.timeout_s)
+        if wants_previews is not None:
+            work.wants_previews = wants_previews
         queue.put(work, listener)
         return work
 

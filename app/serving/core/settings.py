@@ -43,11 +43,29 @@ class ServerSettings:
     body_timeout: float = _flag(30.0, "Seconds for a request body to arrive (408).")
     job_ttl: float = _flag(3600.0, "Seconds a finished job is kept for polling.")
     max_jobs: int = _flag(256, "Finished jobs kept at most; the oldest are dropped first.")
+    max_job_bytes: int = _flag(
+        1 << 30, "Bytes of finished jobs' results kept at most; the oldest result expires first."
+    )
     keepalive: float = _flag(15.0, "Seconds between keep-alive comments on an event stream.")
+    send_timeout: float = _flag(
+        60.0, "Seconds an event-stream client may leave sent bytes unread before it is disconnected."
+    )
+    header_timeout: float = _flag(
+        10.0, "Seconds for a request's headers to arrive once its first byte has (408, then close)."
+    )
+    max_connections: int = _flag(1000, "Open HTTP connections at most; beyond, new ones get 503.")
+    http_host: str = _flag("0.0.0.0", "Address the HTTP server binds (0.0.0.0: every interface).")
+    grpc_host: str = _flag("0.0.0.0", "Address the gRPC server binds (0.0.0.0: every interface).")
     batch_invariant: bool = _flag(
         True,
         "A seed gives the same images whatever shares its batch (fixed product shapes); "
         "--no-batch_invariant trades that for a few percent of CPU decode speed at small batches.",
+        action=argparse.BooleanOptionalAction,
+    )
+    continuous_batching: bool = _flag(
+        False,
+        "Requests join the running decode between steps and are answered when their own images are "
+        "done; --no-continuous_batching decodes one merged batch at a time.",
         action=argparse.BooleanOptionalAction,
     )
     log_format: str = _flag(

@@ -133,13 +133,40 @@ class Preview:
     images: list[str]
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class JobEvent:
-    """One event of a job's stream: its name and its data (what the stream sends as one JSON line)."""
+    """One event of a job's stream: its name and its data (what the stream sends as one JSON line).
+
+    One object per event, shared by every subscriber: its bytes on the wire are encoded once (`encoded`,
+    by the encoder the protocol layer gives `Jobs`) and every stream sends that same bytes object.
+    """
 
     name: JobEventName
     data: Any  # status, cancelled: JobRecord; progress: StepProgress; preview: Preview;
-    # succeeded: RequestResult; failed: the error text
+    # succeeded: RequestResult (a JobRecord once the result expired); failed: the error text.
+    # None once sealed: the wire bytes hold it.
+    wire: bytes | None = field(default=None, repr=False)
+
+    def encoded(self, encode: EventEncoder) -> bytes:
+        """The event's bytes on the wire, encoded at the first call and shared from then on."""
+        if self.wire is None:
+            self.wire = encode(self)
+        return self.wire
+
+    def seal(self, encode: EventEncoder) -> bytes:
+        """Encode now and keep only the bytes: a result is held once, as what the streams send."""
+        wire = self.encoded(encode)
+        self.data = None
+        return wire
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire once encoded (0 before)."""
+        return len(self.wire) if self.wire is not None else 0
+
+
+#: A job event -> its bytes on the wire (the protocol layer's; the core never looks inside).
+EventEncoder = Callable[[JobEvent], bytes]
 
 
 @dataclass(eq=False)
@@ -158,9 +185,28 @@ class JobRecord:
     finished_at: float | None = None  # time.monotonic(), for the TTL
     step: int = 0
     steps: int = 0
-    result: RequestResult | None = None
     error: str | None = None
+    #: The final event, sealed (its bytes only). A succeeded job's holds the result while it is kept.
+    final: JobEvent | None = None
+    #: Bytes of the kept result (its final event on the wire); 0 when none is kept.
+    result_bytes: int = 0
+    #: The result was dropped to keep the retained results within the store's byte bound.
+    result_expired: bool = False
+    #: Order of submission in its store (assigned by `JobStore.add`), for pages of listings.
+    seq: int = 0
+    #: Requests ahead of it in the queue: set on snapshots (`Jobs.snapshot`), None on the stored record.
+    queue_position: int | None = None
 
     @property
     def done(self) -> bool:
         return self.status in FINAL
+
+    @property
+    def holds_result(self) -> bool:
+        """A succeeded job whose result is still kept."""
+        return self.result_bytes > 0
+
+    def expire_result(self) -> None:
+        """Drop the kept result; the record stays and says so (`result_expired`)."""
+        if self.status == JobStatus.SUCCEEDED:
+            self.final, self.result_bytes, self.result_expired = None, 0, True

@@ -34,7 +34,14 @@ REQUEST_SECONDS = Histogram(
 )
 QUEUE_WAIT_SECONDS = Histogram(
     "kandinsky_queue_wait_seconds",
-    "Time a request waited in the queue before its batch started.",
+    "Time a request waited in the queue before its batch started (continuous batching: before the "
+    "decode loop took it).",
+    buckets=SECONDS_BUCKETS,
+)
+ADMISSION_WAIT_SECONDS = Histogram(
+    "kandinsky_admission_wait_seconds",
+    "Continuous batching: time from a request's arrival in the queue until its first rows joined the "
+    "decode loop's slots.",
     buckets=SECONDS_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("kandinsky_queue_depth", "Requests waiting in the queue (not yet in a batch).")
@@ -42,6 +49,11 @@ BATCH_IMAGES = Histogram(
     "kandinsky_batch_images", "Images sampled by one merged generation batch.", buckets=BATCH_BUCKETS
 )
 IMAGES_TOTAL = Counter("kandinsky_images_total", "Images sampled.")
+HTTP_CONNECTIONS = Gauge(
+    "kandinsky_http_connections", "Open HTTP connections (the --max_connections cap counts these)."
+)
+LOOP_LIVE_ROWS = Gauge("kandinsky_loop_live_rows", "Continuous batching: rows live in the last decode step.")
+LOOP_SLOTS = Gauge("kandinsky_loop_slots", "Continuous batching: row slots of the decode loop.")
 IMAGE_TOKENS_TOTAL = Counter("kandinsky_image_tokens_total", "Image tokens sampled.")
 #: Protocols of kandinsky_requests_total; gRPC's codes are its status names (OK, INVALID_ARGUMENT, ...).
 PROTOCOLS = ("v1", "v2", "grpc", "openai", "jobs")
@@ -52,6 +64,13 @@ REQUESTS_TOTAL = Counter(
 )
 JOBS = Gauge("kandinsky_jobs", "Jobs held in memory, by status.", ["status"])
 JOB_EVENTS_TOTAL = Counter("kandinsky_job_events_total", "Job events published, by event name.", ["event"])
+JOB_RESULT_BYTES = Gauge(
+    "kandinsky_job_result_bytes", "Bytes of finished jobs' results kept (bounded by --max_job_bytes)."
+)
+EVENT_SUBSCRIBERS_DROPPED = Counter(
+    "kandinsky_event_subscribers_dropped",
+    "Event-stream clients disconnected because a send made no progress for --send_timeout seconds.",
+)
 GPU_MEMORY_BYTES = Gauge(
     "kandinsky_gpu_memory_bytes", "CUDA memory allocated by this process, per device.", ["device"]
 )
@@ -104,6 +123,16 @@ class PrometheusObserver:
         for stage in STAGES[1:]:
             batch_timings[stage] = sum(r.timings.get(stage, 0.0) for r in results)
         record_stage_timings(batch_timings)
+
+    def loop_step(self, live_rows: int, slots: int) -> None:
+        LOOP_LIVE_ROWS.set(live_rows)
+        LOOP_SLOTS.set(slots)
+
+    def taken(self, wait: float) -> None:
+        QUEUE_WAIT_SECONDS.observe(wait)
+
+    def admitted(self, wait: float) -> None:
+        ADMISSION_WAIT_SECONDS.observe(wait)
 
 
 class PrometheusJobObserver:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import ServerSentEvent
 
 from app.engine.params import MAX_TEMPERATURE, SEED_MAX
-from app.serving.core.errors import FieldProblem, RequestInvalid, ServiceError
+from app.serving.core.errors import FieldProblem, RequestInvalid, ServiceError, find_unencodable, format_loc
 from app.serving.core.service import Service
 from app.serving.core.types import Event, Progressed
 from app.serving.protocols.jobs import event_stream
@@ -190,6 +190,10 @@ def parse_request(raw: bytes, service: Service) -> tuple[ImageGenerationRequest,
         raise _Problem(400, "body: not valid JSON") from None
     if not isinstance(payload, dict):
         raise _Problem(400, "body: must be a JSON object")
+    unencodable = find_unencodable(payload)  # in any field: a `user` or `model` too, not only the prompt
+    if unencodable is not None:
+        param = format_loc(unencodable.loc) if unencodable.loc else None
+        raise _Problem(400, unencodable.text(), param)
     try:
         req = ImageGenerationRequest.model_validate(payload)
     except ValidationError as exc:

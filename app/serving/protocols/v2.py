@@ -20,14 +20,20 @@ import base64
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse, RequestedOutput
 
-from app.serving.core.errors import FieldProblem, RequestInvalid, format_loc
+from app.serving.core.errors import (
+    FieldProblem,
+    RequestInvalid,
+    find_unencodable,
+    format_loc,
+    unencodable_text,
+)
 from app.serving.core.schema import MAX_INSTANCES
 from app.serving.core.service import Service
 from app.serving.core.types import RequestResult
@@ -76,6 +82,61 @@ _OUTPUTS = {t.name: t for t in OUTPUTS}
 #: v1 parameters that v2 does not take, and why (an unknown input otherwise).
 _NOT_V2 = {"preview_every": "previews are sent by jobs and streams only, not by v2 infer"}
 
+#: The protocol's `parameters` this server takes, where (on the request, an input or an output), and their
+#: kind: the binary data extension's, which KServe's and Triton's clients send, and KServe's `content_type`.
+#: Any other is refused, as v1 refuses an unknown key.
+PARAMETERS: dict[str, dict[str, type]] = {
+    "request": {"binary_data_output": bool},
+    "input": {"binary_data_size": int, "content_type": str},
+    "output": {"binary_data": bool},
+}
+#: Parameters of features this server does not have, and what to do instead.
+_NOT_SERVED = {
+    **dict.fromkeys(
+        ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"),
+        "shared memory is not served: send the tensor's data in the request",
+    ),
+    "classification": "classification outputs are not served: ask for the images and their clip_scores",
+    **dict.fromkeys(
+        ("sequence_id", "sequence_start", "sequence_end"),
+        "sequences are not served: each request stands alone",
+    ),
+}
+_KIND_TEXT = {bool: "must be true or false", int: "must be an integer >= 0", str: "must be a string"}
+
+
+class Unset:
+    """A gRPC `InferParameter` whose value is of no kind this server's protocol reads (none set, or Triton's
+    double_param or uint64_param, unknown to KServe's proto)."""
+
+
+UNSET = Unset()
+
+
+def parameter_problems(where: str, params: Mapping[str, Any] | None, scope: str) -> list[str]:
+    """What is wrong with the `parameters` at `where` (`parameters`, `inputs.top_k.parameters`): unknown or
+    unserved names, values of the wrong kind; each problem names its parameter."""
+    allowed = PARAMETERS[scope]
+    problems = []
+    for name, value in (params or {}).items():
+        at = f"{where}.{name}"
+        kind = allowed.get(name)
+        if name in _NOT_SERVED:
+            problems.append(f"{at}: {_NOT_SERVED[name]}")
+        elif kind is None:
+            problems.append(f"{at}: unknown parameter; allowed here: {', '.join(allowed)}")
+        elif value is UNSET:
+            problems.append(f"{at}: has no value of a kind this server reads (bool, int64 or string)")
+        elif not _of_kind(value, kind):
+            problems.append(f"{at}: {_KIND_TEXT[kind]}")
+    return problems
+
+
+def _of_kind(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, kind)
+
 
 def input_metadata() -> list[dict[str, Any]]:
     """The inputs for the v2 model metadata (REST and gRPC): one element per instance, or one for all."""
@@ -92,6 +153,8 @@ def output_metadata() -> list[dict[str, Any]]:
 
 async def infer(service: Service, model_name: str, request: InferRequest) -> InferResponse:
     """Answer one v2 request (REST or gRPC) on the shared path; errors name the input or output."""
+    if not request.from_grpc:  # gRPC's are checked on the message (v2_grpc.py): KServe drops unset values
+        _check_rest_parameters(request)
     wanted = _requested_outputs(request)
     payload, indexed = _v1_payload(request)
     try:
@@ -103,14 +166,26 @@ async def infer(service: Service, model_name: str, request: InferRequest) -> Inf
     return _response(model_name, request, result, wanted)
 
 
+def _check_rest_parameters(request: InferRequest) -> None:
+    problems = parameter_problems("parameters", request.parameters, "request")
+    for inp in request.inputs:
+        problems += parameter_problems(f"inputs.{inp.name}.parameters", inp.parameters, "input")
+    for out in request.request_outputs or ():
+        problems += parameter_problems(f"outputs.{out.name}.parameters", out.parameters, "output")
+    if problems:
+        raise RequestInvalid("; ".join(problems))
+
+
 def _v1_payload(request: InferRequest) -> tuple[dict[str, Any], set[str]]:
     """The v1 body the inputs describe, and the names of the inputs with one element per instance (of
     several): an error in one of those names its element (`inputs.top_k[2]`)."""
     problems: list[str] = []
     given: dict[str, InferInput] = {}
-    for inp in request.inputs:
+    for i, inp in enumerate(request.inputs):
         where = f"inputs.{inp.name}"
-        if inp.name in given:
+        if not inp.name:
+            problems.append(f"inputs[{i}].name: is required; the inputs are {', '.join(_INPUTS)}")
+        elif inp.name in given:
             problems.append(f"{where}: given twice")
         elif inp.name in _NOT_V2:
             problems.append(f"{where}: not a v2 input ({_NOT_V2[inp.name]})")
@@ -204,6 +279,11 @@ def _text(value: Any, index: int) -> Any:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise _InputProblem(f"not valid UTF-8 (byte {exc.start})", f"[{index}]") from None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, which JSON text can carry ("\\ud800")
+            raise _InputProblem(unencodable_text(exc.start), f"[{index}]") from None
     return value  # a str from JSON, or a wrong type the schema names
 
 
@@ -211,9 +291,15 @@ def _json_object(value: Any, index: int) -> Any:
     if not isinstance(value, str):
         return value  # the schema names the wrong type
     try:
-        return json.loads(value)
-    except ValueError:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):  # nested too deep for Python's parser is not borders either
         raise _InputProblem('not JSON text such as {"up": 4, "left": 2}', f"[{index}]") from None
+    found = find_unencodable(parsed)  # "\\ud800" in JSON text decodes to a lone surrogate
+    if found is not None:
+        key = "a key is not text that UTF-8 can encode" if found.in_key else "not text that UTF-8 can encode"
+        where = f"[{index}]" + (f".{format_loc(found.loc)}" if found.loc else "")
+        raise _InputProblem(f"{key} (a lone surrogate at character {found.at})", where)
+    return parsed
 
 
 def _from_fp32(value: Any) -> Any:

@@ -14,11 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent import futures
+from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 from grpc import aio
 from grpc_interceptor.exceptions import GrpcException
 from kserve.errors import ModelNotReady
@@ -31,6 +35,7 @@ from kserve.utils.numpy_codec import to_np_dtype
 
 from app.serving.core.errors import ServiceError
 from app.serving.observability import metrics
+from app.serving.protocols import v2
 
 if TYPE_CHECKING:
     import kserve
@@ -65,19 +70,147 @@ class InferenceServicer(KServeInferenceServicer):
         # pipeline while draining); refuse instead, as its REST infer does.
         if not await self._data_plane.model_ready(request.model_name, True):
             raise ModelNotReady(request.model_name)
-        for tensor in request.inputs:
-            if to_np_dtype(tensor.datatype) is None:
-                # KServe's decoding would say only "invalid content type"
-                raise GrpcException(
-                    f"inputs.{tensor.name}: datatype {tensor.datatype!r} is not a v2 datatype",
-                    status_code=grpc.StatusCode.INVALID_ARGUMENT,
-                )
+        problems = message_problems(request)
+        if problems:
+            raise GrpcException("; ".join(problems), status_code=grpc.StatusCode.INVALID_ARGUMENT)
         try:
             return await super().ModelInfer(request, context)
         except ServiceError as exc:
             # KServe's interceptor would make our errors INTERNAL: each gets its gRPC status
             status = _GRPC_STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
             raise GrpcException(exc.message, status_code=status) from None
+
+
+def message_problems(request: pb.ModelInferRequest) -> list[str]:
+    """What KServe's decoding of a ModelInfer message would refuse without naming the input, or not refuse
+    at all: datatypes, contents given twice, the count of raw contents, and every `parameters` map (with
+    values KServe would drop: none set, or Triton's double and uint64 kinds). Each problem names its place."""
+    problems = v2.parameter_problems("parameters", _parameters(request.parameters), "request")
+    raw = len(request.raw_input_contents)
+    for i, tensor in enumerate(request.inputs):
+        where = _tensor_where("inputs", i, tensor.name)
+        if to_np_dtype(tensor.datatype) is None:
+            # KServe's decoding would say only "invalid content type"
+            problems.append(f"{where}: datatype {tensor.datatype!r} is not a v2 datatype")
+        if raw and tensor.HasField("contents"):
+            problems.append(f"{where}: has both contents and raw_input_contents; send one of them")
+        problems += v2.parameter_problems(f"{where}.parameters", _parameters(tensor.parameters), "input")
+    for i, output in enumerate(request.outputs):
+        where = _tensor_where("outputs", i, output.name)
+        problems += v2.parameter_problems(f"{where}.parameters", _parameters(output.parameters), "output")
+    if raw and raw != len(request.inputs):
+        problems.append(
+            f"raw_input_contents: {raw} entries for {len(request.inputs)} input(s); send one per input, in "
+            "the order of the inputs, or none (and each input's contents)"
+        )
+    return problems
+
+
+def _tensor_where(kind: str, index: int, name: str) -> str:
+    return f"{kind}.{name}" if name else f"{kind}[{index}]"
+
+
+def _parameters(params: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    """A `parameters` map as Python values; `v2.UNSET` where no kind KServe's proto knows is set."""
+    values: dict[str, Any] = {}
+    for name, param in params.items():
+        kind = param.WhichOneof("parameter_choice")
+        values[name] = v2.UNSET if kind is None else getattr(param, kind)
+    return values
+
+
+# ---- a message protobuf refuses --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A ModelInfer message that protobuf could not parse, and what is wrong with it (naming the field)."""
+
+    problem: str
+
+
+def lenient_deserializer(strict: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`strict` (protobuf's parser), but a message it refuses becomes `Undecodable` instead of an exception:
+    gRPC would answer that UNKNOWN, quoting the exception's class."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return strict(data)
+        except DecodeError:
+            return Undecodable(undecodable_problem(data))
+
+    return deserialize
+
+
+def undecodable_problem(data: bytes) -> str:
+    """Why protobuf refused a ModelInferRequest: the first text field that is not UTF-8 (proto3 requires
+    it of `string` fields: names, datatypes, ids, string parameters), or a malformed message."""
+    try:
+        message = _lenient_request_class().FromString(data)
+    except DecodeError:
+        return "the request is not a ModelInferRequest message (its protobuf encoding is malformed)"
+    texts: list[tuple[str, bytes]] = [
+        ("model_name", message.model_name), ("model_version", message.model_version), ("id", message.id),
+    ]
+    texts += _parameter_texts("parameters", message.parameters)
+    for kind, tensors in (("inputs", message.inputs), ("outputs", message.outputs)):
+        for i, tensor in enumerate(tensors):
+            where = _tensor_where(kind, i, _utf8(tensor.name) or "")
+            texts.append((f"{kind}[{i}].name", tensor.name))
+            if kind == "inputs":
+                texts.append((f"{where}.datatype", tensor.datatype))
+            texts += _parameter_texts(f"{where}.parameters", tensor.parameters)
+    for where, text in texts:
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{where}: not valid UTF-8 (byte {exc.start})"
+    return "the request is not a ModelInferRequest message (protobuf refused it)"
+
+
+def _parameter_texts(where: str, entries: Any) -> list[tuple[str, bytes]]:
+    texts = []
+    for entry in entries:  # map entries, read as a repeated message (the same bytes on the wire)
+        name = _utf8(entry.key)
+        if name is None:
+            texts.append((f"{where}: a parameter's name", entry.key))
+        else:
+            texts.append((f"{where}.{name}", entry.value.string_param))
+    return texts
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+@cache
+def _lenient_request_class() -> Any:
+    """ModelInferRequest with every `string` field read as `bytes` (and maps as their repeated entries),
+    in a pool of its own: it parses what the strict class refuses for text that is not UTF-8."""
+    proto = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(proto)
+    package = "kandinsky.lenient"
+    proto.name, proto.package = f"lenient_{proto.name}", package
+    del proto.service[:]
+
+    def loosen(message: descriptor_pb2.DescriptorProto) -> None:
+        message.options.ClearField("map_entry")  # a bytes key is not allowed in a map
+        for field in message.field:
+            if field.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
+                field.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+            if field.type_name.startswith(".inference."):
+                field.type_name = f".{package}." + field.type_name.removeprefix(".inference.")
+        for nested in message.nested_type:
+            loosen(nested)
+
+    for message in proto.message_type:
+        loosen(message)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ModelInferRequest"))
 
 
 Behavior = Callable[[Any, Any], Awaitable[Any]]
@@ -106,6 +239,8 @@ class InferInterceptor(aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 response = await behavior(request, context)
                 size = response.ByteSize()
                 if 0 < self.max_send_bytes < size:
@@ -138,9 +273,10 @@ class InferInterceptor(aio.ServerInterceptor):
                            "client": peer, "protocol": "grpc"},
                 )
 
+        strict = handler.request_deserializer
         return grpc.unary_unary_rpc_method_handler(
             counted,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None if strict is None else lenient_deserializer(strict),
             response_serializer=handler.response_serializer,
         )
 
@@ -159,8 +295,11 @@ def _status_name(code: Any) -> str:
 class GRPCServer(KServeGRPCServer):
     """KServe's gRPC server with our servicer, our interceptor (metrics, size) and explicit message limits."""
 
-    def __init__(self, *args: Any, max_send_bytes: int, max_receive_bytes: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_send_bytes: int, max_receive_bytes: int, host: str = "0.0.0.0", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.host = host
         self.max_send_bytes = max_send_bytes
         self.max_receive_bytes = max_receive_bytes
 
@@ -178,17 +317,27 @@ class GRPCServer(KServeGRPCServer):
         )
         servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-        self._server.add_insecure_port(f"[::]:{self._port}")
+        self._server.add_insecure_port(grpc_address(self.host, self._port))
         log.info(
-            "gRPC server on port %d: %d threads, messages up to %d bytes sent and %d received",
-            self._port, max_workers, self.max_send_bytes, self.max_receive_bytes,
+            "gRPC server on %s: %d threads, messages up to %d bytes sent and %d received",
+            grpc_address(self.host, self._port), max_workers, self.max_send_bytes, self.max_receive_bytes,
         )
         await self._server.start()
         await self._server.wait_for_termination()
 
 
+def grpc_address(host: str, port: int) -> str:
+    """`host:port` as gRPC reads it (an IPv6 literal in brackets)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def add_grpc_server(
-    server: kserve.ModelServer, port: int, max_threads: int, max_send_bytes: int, max_receive_bytes: int
+    server: kserve.ModelServer,
+    port: int,
+    max_threads: int,
+    max_send_bytes: int,
+    max_receive_bytes: int,
+    host: str = "0.0.0.0",
 ) -> GRPCServer:
     """Serve gRPC next to `server`'s REST (build it with `enable_grpc=False`; call before `start()`).
 
@@ -203,6 +352,7 @@ def add_grpc_server(
         grace_period=server.grace_period,
         max_send_bytes=max_send_bytes,
         max_receive_bytes=max_receive_bytes,
+        host=host,
     )
     server._grpc_server = grpc_server
     server.servers.append(grpc_server.start(max_threads))

@@ -27,6 +27,7 @@ from kserve.protocol.rest.v2_datamodels import (
 from kserve.utils.numpy_codec import to_np_dtype
 from pydantic import ConfigDict, ValidationError
 
+from app.serving.core.errors import find_unencodable
 from app.serving.protocols.routes import Operation, ProtocolContext, Route
 from app.serving.protocols.v2 import INFER_PATH
 
@@ -50,22 +51,43 @@ def rest_body_problem(body: bytes, headers: Mapping[str, str]) -> str | None:
     if not length.isdigit() or int(length) > len(body):
         return f"{JSON_LENGTH_HEADER}: must be the JSON part's length in bytes, 0..{len(body)}"
     try:
-        doc = orjson.loads(body[: int(length)])
-    except orjson.JSONDecodeError as exc:
+        doc = _loads(body[: int(length)])
+    except _NotJSON as exc:
         return f"body: the JSON part is not valid JSON ({exc})"
-    return _binary_body_problem(doc, memoryview(body)[int(length):])
+    return _unencodable_problem(doc) or _binary_body_problem(doc, memoryview(body)[int(length):])
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _loads(text: bytes) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        try:
+            # NaN, Infinity, integers beyond 64 bits and lone surrogates ("\\ud800"): Python's parser reads
+            # them, and the field they are in is named (by infer(), as v1 names the field, or here).
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            raise _NotJSON(str(exc)) from None
+
+
+def _unencodable_problem(doc: Any) -> str | None:
+    """A string that UTF-8 cannot encode, named: KServe would fail on it writing the answer (a 500 after the
+    whole generation, for `id`). The inputs' `data` are left to infer(), which names them by input."""
+    found = find_unencodable(doc, skip=lambda loc: len(loc) == 3 and loc[0] == "inputs" and loc[2] == "data")
+    return None if found is None else found.text()
 
 
 def _json_body_problem(body: bytes) -> str | None:
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        try:
-            # NaN, Infinity and integers beyond 64 bits: Python's parser reads them, and infer() names
-            # the input they are in, as v1 names the field.
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
-            return f"body: not valid JSON ({exc})"
+        doc = _loads(body)
+    except _NotJSON as exc:
+        return f"body: not valid JSON ({exc})"
+    problem = _unencodable_problem(doc)
+    if problem is not None:
+        return problem
     try:
         InferenceRequest.model_validate(doc)
     except ValidationError as exc:
@@ -181,7 +203,10 @@ class InferRequestBody(InferenceRequest):
     """An Open Inference Protocol request. Inputs, each of shape [N] (one element per instance) or [1]
     (the same for every instance): `query` BYTES (required); `images_to_gen`, `images_to_cherry_pick`,
     `top_k` INT32 or INT64; `top_p`, `temperature` FP32 or FP64; `super_res` BOOL; `seed` INT64 or UINT64;
-    `format` BYTES. Defaults and bounds as the v1 parameters (see the model card)."""
+    `format` BYTES. Defaults and bounds as the v1 parameters (see the model card). `parameters` taken:
+    `binary_data_output` (the request), `binary_data` (an output), `binary_data_size` and `content_type`
+    (an input); any other is a 400 naming it. Text that UTF-8 cannot encode (a lone surrogate) anywhere is
+    a 400 naming its place."""
 
     model_config = ConfigDict(title="InferRequest", json_schema_extra={"examples": [_INFER_EXAMPLE]})
 

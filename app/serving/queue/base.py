@@ -8,8 +8,9 @@ Today's in-process behaviour is the first implementation of each (`local.LocalQu
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.serving.core.errors import ServiceError
 from app.serving.core.types import Event, ImageRequest, JobEvent, JobRecord, Listener, RequestResult
@@ -24,6 +25,10 @@ class Work:
     deadline: float  # time.monotonic()
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: bool = False  # the requester gave up (deadline, hang-up or cancel)
+    #: Whether anyone would see a preview now (a job with a stream open); asked before each is rendered.
+    wants_previews: Callable[[], bool] = field(default=lambda: True)
+    #: Each instance's last progress told (None: none yet), for previews told between ticks.
+    last_progress: tuple[Any, ...] = ()
 
     @property
     def images(self) -> int:
@@ -89,19 +94,28 @@ class WorkQueue(Protocol):
 
 
 class Subscription(Protocol):
-    """A job's events up to its final one; `aclose()` (or reading the final event) unsubscribes."""
+    """A job's events up to its final one; `aclose()` (or reading the final event) unsubscribes.
 
-    def __aiter__(self) -> Subscription: ...
+    What a subscriber holds unread is bounded: references to the job's shared events only, progress
+    coalesced to the newest, the oldest previews dropped beyond a bound in bytes; never the final event."""
 
-    async def __anext__(self) -> JobEvent: ...
+    async def next(self, timeout: float | None = None) -> JobEvent | None:
+        """The next event; None when none came within `timeout` seconds (the stream's keep-alive cue).
+        Waiting again after the final event waits forever: stop at the final event."""
+        ...
 
     async def aclose(self) -> None: ...
 
 
 class JobStore(Protocol):
-    """Job records, their events, results and idempotency keys, bounded by the store's retention."""
+    """Job records, their events, results and idempotency keys, bounded by the store's retention:
+    finished jobs for a TTL and up to a count (cancelled and failed ones go first, so they never push
+    out a result), results up to a total of bytes (the oldest result expires first; its record stays
+    and says so)."""
 
-    def add(self, record: JobRecord) -> None: ...
+    def add(self, record: JobRecord) -> None:
+        """Keep a new job; assigns its `seq` (the order of listings)."""
+        ...
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record, or None when unknown or expired."""
@@ -111,25 +125,35 @@ class JobStore(Protocol):
         """The job an Idempotency-Key names (per tenant), or None."""
         ...
 
-    def recent(self, limit: int | None = None, tenant: str | None = None) -> list[JobRecord]:
-        """The most recent jobs, newest first."""
+    def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
+               ) -> list[JobRecord]:
+        """The most recent jobs, newest first; with `before`, only those older than the job of that `seq`."""
         ...
 
     def save(self, record: JobRecord) -> None:
-        """Record a change of the job's status, progress or result."""
+        """Record a change of the job's status, progress or result; a finished job's kept result
+        (`result_bytes`) counts against the byte bound from now on."""
         ...
 
     def publish(self, record: JobRecord, event: JobEvent) -> None:
-        """Send an event to the job's current subscribers."""
+        """Send an event to the job's current subscribers (the same object to each)."""
         ...
 
     def subscribe(self, record: JobRecord) -> Subscription:
         """The job's events from now on, ending after the final one; the caller sends the current status
-        first. Closing the iterator unsubscribes."""
+        first. Closing the subscription unsubscribes."""
+        ...
+
+    def watched(self, job_id: str) -> bool:
+        """Whether the job has an open event stream now. Called from the worker's threads too."""
+        ...
+
+    def result_bytes(self) -> int:
+        """Bytes of the results kept now."""
         ...
 
     def expire(self) -> None:
-        """Apply retention now (the TTL and the count bound)."""
+        """Apply retention now (the TTL, the count bound and the byte bound)."""
         ...
 
     def counts(self) -> dict[str, int]:

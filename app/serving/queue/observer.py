@@ -18,6 +18,18 @@ class QueueObserver(Protocol):
         """The engine's jobs of a finished batch and their outcomes (results, failures, or None)."""
         ...
 
+    def loop_step(self, live_rows: int, slots: int) -> None:
+        """Continuous batching: a decode step ran with `live_rows` of its `slots` rows live."""
+        ...
+
+    def taken(self, wait: float) -> None:
+        """Continuous batching: a request left the queue for the loop after `wait` s in the queue."""
+        ...
+
+    def admitted(self, wait: float) -> None:
+        """Continuous batching: a request's first rows joined the slots `wait` s after it was queued."""
+        ...
+
 
 class _NullObserver:
     def queue_depth(self, depth: int) -> None:
@@ -27,6 +39,15 @@ class _NullObserver:
         pass
 
     def batch_done(self, jobs: Sequence[Any], outcomes: Sequence[Any]) -> None:
+        pass
+
+    def loop_step(self, live_rows: int, slots: int) -> None:
+        pass
+
+    def taken(self, wait: float) -> None:
+        pass
+
+    def admitted(self, wait: float) -> None:
         pass
 
 

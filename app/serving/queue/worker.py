@@ -2,17 +2,23 @@
 `max_batch_images` images (a single larger request still runs alone: the pipeline chunks it), tells each
 request its progress at every tick, stops the requests whose requester gave up, and finishes or fails
 each request from its jobs' outcomes. A failed batch fails only its own requests; the worker carries on.
+
+Previews are drawn on the pipeline's renderer thread, only while `Work.wants_previews()` says someone
+would see one, and told through the same `queue.tell` as progress. Both `tell` and `finish` hand their
+message to the event loop in call order (`loop.call_soon_threadsafe`), and `Pipeline.run` returns only
+once every preview of its jobs was told or dropped: no preview reaches a request after its result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
-from app.engine.jobs import JobFailed, Progress
+from app.engine.jobs import Job, JobFailed, Progress
 from app.serving.core.errors import GenerationFailed, RequestInvalid, ShuttingDown
 from app.serving.core.types import InstanceResult, Progressed, RequestResult, Started
 from app.serving.queue.base import Work, WorkQueue
@@ -90,7 +96,8 @@ class BatchWorker:
 
     def _run_batch(self, batch: list[Work]) -> None:
         started = time.monotonic()
-        jobs = [job for work in batch for job in work.request.instances]
+        jobs = [with_previews(self.queue, work, n, job)
+                for work in batch for n, job in enumerate(work.request.instances)]
         images = sum(work.images for work in batch)
         for work in batch:
             self.queue.tell(work, Started())
@@ -133,6 +140,7 @@ class BatchWorker:
                 mine = tuple(progress[offset : offset + len(work.request.instances)])
                 offset += len(work.request.instances)
                 if not work.cancelled and any(p is not None for p in mine):
+                    work.last_progress = mine
                     self.queue.tell(work, Progressed(mine))
             return [n for n, work in enumerate(owner) if work.cancelled]
 
@@ -148,3 +156,42 @@ class BatchWorker:
             failed = JobFailed("internal error while generating; the server keeps serving, retry the request")
             return [failed] * len(jobs)
         return outcomes
+
+
+def with_previews(queue: WorkQueue, work: Work, instance: int, job: Job) -> Job:
+    """The job, with its previews (drawn on the pipeline's renderer thread) told to the work's listener,
+    and drawn only while someone would see one (`Work.wants_previews`, asked at each due preview)."""
+    if not job.params.preview_every:
+        return job
+    return dataclasses.replace(job, on_preview=preview_sink(queue, work, instance),
+                               wants_preview=lambda: wants_previews(work))
+
+
+def wants_previews(work: Work) -> bool:
+    """Whether a preview of `work` would be seen now; a failing predicate means no (never a failed batch)."""
+    if work.cancelled:
+        return False
+    try:
+        return bool(work.wants_previews())
+    except Exception:
+        log.exception("worker: wants_previews failed; no preview this time")
+        return False
+
+
+def preview_sink(queue: WorkQueue, work: Work, instance: int) -> Callable[[int, list[str]], None]:
+    """Where instance `instance`'s previews go: a `Progressed` whose other instances keep their last
+    progress (so a preview never moves the request's progress bar). Called on the renderer's thread;
+    a preview older than one already told (a job rerun alone after its batch failed) is not told."""
+    told = [-1]  # the step of the last preview told
+
+    def deliver(step: int, images: list[str]) -> None:
+        if work.cancelled or step <= told[0]:
+            return
+        told[0] = step
+        last = work.last_progress  # one read: the decode thread replaces it at every tick
+        steps = next((p.steps for p in last if p is not None), step)
+        known = list(last) or [None] * len(work.request.instances)
+        known[instance] = Progress(step=step, steps=steps, preview=images)
+        queue.tell(work, Progressed(tuple(known)))
+
+    return deliver
