@@ -101,6 +101,12 @@ bench-preview: $(VENV)/.installed $(TINY)/model.json
 .PHONY: bench-invariance
 bench-invariance: $(VENV)/.installed
 	$(PY) bench/batch_invariance.py --runs 3 --out out/bench-batch-invariance.json
+## bench-continuous: continuous batching against batch at a time through real servers: A with B sent at
+## T/4 and three concurrent requests (8 layers, hidden 256), then a Poisson trace at three loads (tiny model)
+.PHONY: bench-continuous
+bench-continuous: $(VENV)/.installed
+	$(PY) bench/continuous_batching.py --layers 8 --hidden 256 --requests 0 --out out/bench-continuous-8x256.json
+	$(PY) bench/continuous_batching.py --requests 12 --out out/bench-continuous-tiny.json
 bench-load: $(VENV)/.installed
 	$(PY) bench/load.py
 bench-throughput: $(VENV)/.installed

@@ -63,7 +63,7 @@ class ServerSettings:
         action=argparse.BooleanOptionalAction,
     )
     continuous_batching: bool = _flag(
-        False,
+        True,
         "Requests join the running decode between steps and are answered when their own images are "
         "done; --no-continuous_batching decodes one merged batch at a time.",
         action=argparse.BooleanOptionalAction,

@@ -130,7 +130,11 @@ class LoopWorker:
         if room <= 0:
             return
         busy = bool(loop.keys())
-        for work in self.queue.take(room, wait=0.0 if busy else IDLE_WAIT_S):
+        taken = self.queue.take(room, wait=0.0 if busy else IDLE_WAIT_S)
+        if taken:
+            log.info("loop: %d request(s), %d image(s) join; %d of %d slots live", len(taken),
+                     sum(w.images for w in taken), loop.live_rows, loop.capacity)
+        for work in taken:
             now = time.monotonic()
             running[work.id] = _Running(work, taken=now)
             self.queue.tell(work, Started())
