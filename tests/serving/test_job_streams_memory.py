@@ -61,7 +61,7 @@ class FakeService:
     def request(self, instances: Any, protocol: str, tenant: str | None) -> Any:
         return SimpleNamespace(instances=[SimpleNamespace(params=SimpleNamespace(images_to_gen=1))], images=1)
 
-    def submit(self, request: Any, listener: Any = None, wants_previews: Any = None) -> Any:
+    async def submit(self, request: Any, listener: Any = None, wants_previews: Any = None) -> Any:
         work = SimpleNamespace(id=len(self.results))
         self.results[work.id] = asyncio.get_running_loop().create_future()
         self.wants_previews = wants_previews
@@ -70,7 +70,7 @@ class FakeService:
     async def result(self, work: Any) -> RequestResult:
         return await self.results[work.id]
 
-    def position(self, work: Any) -> int:
+    async def position(self, work: Any) -> int:
         return 0
 
     def cancel(self, work: Any) -> None:
@@ -94,7 +94,7 @@ async def read_all(jobs: Jobs, record: JobRecord) -> list[JobEvent]:
 
 async def test_every_subscriber_of_a_job_sends_the_same_bytes_object_of_its_final_event():
     jobs, service = fake_jobs()
-    record, _ = jobs.submit({"any": "body"}, None)
+    record, _ = await jobs.submit({"any": "body"}, None)
     live = asyncio.ensure_future(read_all(jobs, record))
     await asyncio.sleep(0.01)  # subscribed
     service.results[0].set_result(result_of(2, 1000))
@@ -138,7 +138,7 @@ async def test_a_subscriber_that_does_not_read_holds_the_newest_progress_and_a_b
 
 async def test_a_stream_waiting_for_events_gets_a_keep_alive_cue_and_loses_nothing():
     jobs, service = fake_jobs()
-    record, _ = jobs.submit({"any": "body"}, None)
+    record, _ = await jobs.submit({"any": "body"}, None)
     stream = jobs.events(record, idle=0.05)
     assert (await anext(stream)).name == JobEventName.STATUS
     assert await anext(stream) is None  # nothing for `idle` seconds
@@ -150,7 +150,7 @@ async def test_a_stream_waiting_for_events_gets_a_keep_alive_cue_and_loses_nothi
 
 async def test_previews_are_wanted_only_while_the_job_has_an_open_stream():
     jobs, service = fake_jobs()
-    record, _ = jobs.submit({"any": "body"}, None)
+    record, _ = await jobs.submit({"any": "body"}, None)
     wants = service.wants_previews
     assert wants() is False  # polled only: nobody would see a preview
     stream = jobs.events(record)

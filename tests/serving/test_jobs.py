@@ -126,9 +126,11 @@ def test_streamed_job_sends_status_rising_progress_previews_then_one_final_equal
     steps = [data["step"] for name, data in events if name == "progress"]
     assert steps == sorted(set(steps)) and len(steps) >= 8 and steps[-1] == 1024
     assert all(data["steps"] == 1024 for name, data in events if name == "progress")
-    # A preview after every 8 image rows of 32 tokens: steps 256, 512, 768 and 1024.
+    # A preview after every 8 image rows of 32 tokens is due at steps 256, 512, 768 and 1024; a renderer
+    # that falls behind skips to the newest grid (coalescing), but the finished grid always comes.
     previews = [data for name, data in events if name == "preview"]
-    assert [p["step"] for p in previews] == [256, 512, 768, 1024]
+    shown = [p["step"] for p in previews]
+    assert shown == sorted(set(shown)) and set(shown) <= {256, 512, 768, 1024} and shown[-1] == 1024
     for p in previews:
         assert p["instance"] == 0 and len(p["images"]) == 2
         assert base64.b64decode(p["images"][0])[:3] == b"\xff\xd8\xff"  # JPEG
@@ -141,14 +143,16 @@ def test_preview_rows_not_sampled_yet_are_grey(srv):
     import numpy as np
     from PIL import Image
 
-    events = stream_events(srv["base"], body(1, 32, preview_every=12))
-    first = next(data for name, data in events if name == "preview")
-    assert first["step"] == 12 * 32
+    events = stream_events(srv["base"], body(1, 32, preview_every=4))
+    # The first partial preview (due every 4 rows; a busy renderer may skip some, never all).
+    first = next(data for name, data in events if name == "preview" and data["step"] < 1024)
+    rows = first["step"] // 32
+    assert first["step"] % (4 * 32) == 0 and 4 <= rows < 32
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(first["images"][0]))).convert("RGB"))
     assert pixels.shape == (256, 256, 3)
-    below = pixels[12 * 8 + 4 :].astype(int)  # 12 token rows of 8 px each are drawn; JPEG blurs the edge
+    below = pixels[rows * 8 + 4 :].astype(int)  # rows of 8 px each are drawn; JPEG blurs the edge
     assert np.abs(below - 128).max() <= 6
-    assert pixels[: 12 * 8 - 4].std() > 20  # the sampled rows are an image, not grey
+    assert pixels[: rows * 8 - 4].std() > 20  # the sampled rows are an image, not grey
 
 
 def test_polled_job_answers_202_with_location_then_its_result_equals_predict(srv):

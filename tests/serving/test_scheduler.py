@@ -124,21 +124,22 @@ class Stack:
     def accepting(self) -> bool:
         return self.queue.accepting
 
-    def enqueue(self, jobs: list[FakeJob], *, timeout: float, listener: Listener | None = None) -> Work:
-        return self.service.submit(ImageRequest(tuple(jobs), timeout, "v1"), listener)  # type: ignore[arg-type]
+    async def enqueue(self, jobs: list[FakeJob], *, timeout: float, listener: Listener | None = None
+                      ) -> Work:
+        return await self.service.submit(ImageRequest(tuple(jobs), timeout, "v1"), listener)  # type: ignore[arg-type]
 
     async def wait(self, work: Work) -> RequestResult:
         return await self.service.result(work)
 
     async def submit(self, jobs: list[FakeJob], *, timeout: float, listener: Listener | None = None
                      ) -> RequestResult:
-        return await self.wait(self.enqueue(jobs, timeout=timeout, listener=listener))
+        return await self.wait(await self.enqueue(jobs, timeout=timeout, listener=listener))
 
     def cancel(self, work: Work) -> None:
         self.service.cancel(work)
 
-    def position(self, work: Work) -> int | None:
-        return self.service.position(work)
+    async def position(self, work: Work) -> int | None:
+        return await self.service.position(work)
 
 
 def job(query: str, images: int = 1) -> FakeJob:
@@ -251,7 +252,7 @@ async def test_expired_ticket_is_dropped_by_the_worker_even_if_nobody_gave_up(fa
     sched = make_scheduler()
     first = await hold_first_batch(fake, sched)
     # enqueue without a waiting coroutine: only the worker's own deadline check can answer it
-    ticket = sched.enqueue([job("stale")], timeout=0.01)
+    ticket = await sched.enqueue([job("stale")], timeout=0.01)
     await asyncio.sleep(0.05)
     fake.gate.set()
     await first

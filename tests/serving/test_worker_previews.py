@@ -72,7 +72,7 @@ def run_works(pipeline: Pipeline, requests: list[tuple[tuple[Job, ...], Heard, A
             work = Work(ImageRequest(jobs, 600, "jobs"), enqueued=now, deadline=now + 600)
             if wants is not None:
                 work.wants_previews = wants
-            queue.put(work, heard)
+            await queue.put(work, heard)
             works.append(work)
         worker.start()
         results = []

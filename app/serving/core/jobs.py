@@ -52,8 +52,8 @@ class Jobs:
         self._work: dict[str, Work] = {}  # job id -> its queued or running work
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def submit(self, payload: Any, idempotency_key: str | None, tenant: str | None = None
-               ) -> tuple[JobRecord, bool]:
+    async def submit(self, payload: Any, idempotency_key: str | None, tenant: str | None = None
+                     ) -> tuple[JobRecord, bool]:
         """Validate and queue a predict body as a job; (the job, whether it is new).
 
         The same Idempotency-Key with the same body returns the existing job; with another body, 409.
@@ -76,8 +76,8 @@ class Jobs:
             images=[int(job.params.images_to_gen) for job in request.instances],
             tenant=tenant,
         )
-        work = self.service.submit(request, listener=lambda event: self._heard(record, event),
-                                   wants_previews=lambda: self.store.watched(record.id))
+        work = await self.service.submit(request, listener=lambda event: self._heard(record, event),
+                                         wants_previews=lambda: self.store.watched(record.id))
         self._work[record.id] = work
         self.store.add(record)
         self._tasks[record.id] = asyncio.ensure_future(self._run(record, work))
@@ -108,7 +108,7 @@ class Jobs:
         if isinstance(event, Started):
             record.status, record.started = JobStatus.RUNNING, round(time.time(), 3)
             self.store.save(record)
-            self._publish(record, JobEventName.STATUS, self.snapshot(record))
+            self._publish(record, JobEventName.STATUS, self._view(record))
         elif isinstance(event, Progressed):
             self._progress(record, event)
 
@@ -127,29 +127,34 @@ class Jobs:
 
     # ---- queries and cancel -----------------------------------------------------------------------
 
-    def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str) -> JobRecord:
         record = self.store.get(job_id)
         if record is None:
             raise NotFound(f"job {job_id!r} is unknown or expired (finished jobs are kept {self.ttl:g} s)")
         return record
 
-    def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
-               ) -> list[JobRecord]:
+    async def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
+                     ) -> list[JobRecord]:
         """The most recent jobs, newest first; `before`: only those older than the job of that `seq`."""
         return self.store.recent(limit, tenant, before)
 
-    def position(self, record: JobRecord) -> int | None:
+    async def position(self, record: JobRecord) -> int | None:
         """Requests ahead of a queued job (0: next); None once it runs or ended."""
         work = self._work.get(record.id)
         if record.status != JobStatus.QUEUED or work is None:
             return None
-        return self.service.position(work)
+        return await self.service.position(work)
 
-    def snapshot(self, record: JobRecord) -> JobRecord:
+    async def snapshot(self, record: JobRecord) -> JobRecord:
         """The record as it is now, with its queue position (status events carry one)."""
-        return dataclasses.replace(record, queue_position=self.position(record))
+        return self._view(record, await self.position(record))
 
-    def cancel(self, record: JobRecord) -> None:
+    @staticmethod
+    def _view(record: JobRecord, position: int | None = None) -> JobRecord:
+        """A copy of the record as it is now (events carry copies: the record changes on)."""
+        return dataclasses.replace(record, queue_position=position)
+
+    async def cancel(self, record: JobRecord) -> None:
         """Cancel a queued job (it never runs) or a running one (it stops at the next progress tick,
         its batch partners go on); 409 once it finished."""
         if record.done:
@@ -171,7 +176,7 @@ class Jobs:
         record.finished, record.finished_at = round(time.time(), 3), time.monotonic()
         self._work.pop(record.id, None)
         data: Any = result if status == JobStatus.SUCCEEDED else error if status == JobStatus.FAILED else None
-        final = JobEvent(JobEventName(status.value), data if data is not None else self.snapshot(record))
+        final = JobEvent(JobEventName(status.value), data if data is not None else self._view(record))
         wire = final.seal(self.encode)  # the result is held once, as the bytes every stream sends
         record.final = final
         if status == JobStatus.SUCCEEDED:
@@ -199,7 +204,7 @@ class Jobs:
         clock = asyncio.get_running_loop().time
         due = None if idle is None else clock() + idle
         try:
-            yield JobEvent(JobEventName.STATUS, self.snapshot(record))
+            yield JobEvent(JobEventName.STATUS, await self.snapshot(record))
             if record.done:
                 yield self.final_event(record)
                 return
@@ -216,14 +221,14 @@ class Jobs:
             await subscription.aclose()
             if owner and not record.done:
                 log.info("job %s: its stream's client went away, cancelling it", record.id)
-                self.cancel(record)
+                await self.cancel(record)
 
     def final_event(self, record: JobRecord) -> JobEvent:
         """A finished job's final event, the same object (and bytes) for every late subscriber: the result
         (succeeded), the error (failed), the record (cancelled). Once a result expired: `succeeded` with
         the record, which says `result_expired`."""
         if record.final is None:  # its result expired
-            record.final = JobEvent(JobEventName(record.status.value), self.snapshot(record))
+            record.final = JobEvent(JobEventName(record.status.value), self._view(record))
             record.final.seal(self.encode)
         return record.final
 

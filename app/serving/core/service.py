@@ -43,6 +43,10 @@ class Service:
     def ready(self) -> bool:
         return self.queue is not None and not self.draining
 
+    async def reachable(self) -> bool:
+        """Ready and able to queue work: the queue's store answers (Redis, when replicas share one)."""
+        return self.ready and self.queue is not None and await self.queue.reachable()
+
     @property
     def alive(self) -> bool:
         """Loaded, with its worker running: what liveness reports (a broken pod gets restarted)."""
@@ -75,7 +79,7 @@ class Service:
         jobs = tuple(Job(inst.query, generation_params(inst)) for inst in instances)
         return ImageRequest(jobs, timeout_s=self.timeout_s, protocol=protocol, tenant=tenant)
 
-    def submit(
+    async def submit(
         self,
         request: ImageRequest,
         listener: Listener | None = None,
@@ -91,7 +95,7 @@ class Service:
         work = Work(request, enqueued=now, deadline=now + request.timeout_s)
         if wants_previews is not None:
             work.wants_previews = wants_previews
-        queue.put(work, listener)
+        await queue.put(work, listener)
         return work
 
     async def result(self, work: Work) -> RequestResult:
@@ -120,11 +124,11 @@ class Service:
 
     async def generate(self, request: ImageRequest, listener: Listener | None = None) -> RequestResult:
         """Submit and await: what synchronous protocols do."""
-        return await self.result(self.submit(request, listener))
+        return await self.result(await self.submit(request, listener))
 
     def cancel(self, work: Work) -> None:
         if self.queue is not None:
             self.queue.cancel(work)
 
-    def position(self, work: Work) -> int | None:
-        return self.queue.position(work) if self.queue is not None else None
+    async def position(self, work: Work) -> int | None:
+        return await self.queue.position(work) if self.queue is not None else None

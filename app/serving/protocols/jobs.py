@@ -401,36 +401,36 @@ def routes(ctx: ProtocolContext) -> list[Route]:
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None and not 1 <= len(key) <= 255:
             raise RequestInvalid("Idempotency-Key: must be 1..255 characters")
-        record, new = jobs.submit(payload, key)
+        record, new = await jobs.submit(payload, key)
         if _wants_stream(request):
             return stream(record, owner=new)
         location = f"/v1/models/{ctx.name}/jobs/{record.id}"
-        body = view(jobs.snapshot(record)) if not new else {
+        body = view(await jobs.snapshot(record)) if not new else {
             "id": record.id, "status": record.status.value, "created": record.created}
         return JSONResponse(body, status_code=202 if new else 200, headers={"Location": location})
 
     async def get_job(model_name: str, job_id: str) -> Response:
         ctx.check_model(model_name)
-        return job_response(jobs.snapshot(jobs.get(job_id)), send_timeout)
+        return job_response(await jobs.snapshot(await jobs.get(job_id)), send_timeout)
 
     async def list_jobs(model_name: str, request: Request) -> dict[str, Any]:
         ctx.check_model(model_name)
         limit = parse_limit(request.query_params.getlist("limit"))
         before = parse_cursor(request.query_params.getlist("cursor"))
-        page = jobs.recent(limit + 1, before=before)
+        page = await jobs.recent(limit + 1, before=before)
         more, page = len(page) > limit, page[:limit]
-        return {"jobs": [view(jobs.snapshot(r)) for r in page],
+        return {"jobs": [view(await jobs.snapshot(r)) for r in page],
                 "next_cursor": make_cursor(page[-1]) if more else None}
 
     async def cancel_job(model_name: str, job_id: str) -> dict[str, Any]:
         ctx.check_model(model_name)
-        record = jobs.get(job_id)
-        jobs.cancel(record)
-        return view(jobs.snapshot(record))
+        record = await jobs.get(job_id)
+        await jobs.cancel(record)
+        return view(await jobs.snapshot(record))
 
     async def job_events(model_name: str, job_id: str) -> JobEventStream:
         ctx.check_model(model_name)
-        return stream(jobs.get(job_id), owner=False)
+        return stream(await jobs.get(job_id), owner=False)
 
     stream_doc = (
         "Queues a predict body as a job and answers at once: 202 with `Location`. With "

@@ -293,7 +293,7 @@ def routes(ctx: ProtocolContext) -> list[Route]:
             if req.stream:
                 # Queued here, so that a full queue is still a 503 rather than an event.
                 events: asyncio.Queue[Event] = asyncio.Queue()
-                work = service.submit(typed, listener=events.put_nowait)
+                work = await service.submit(typed, listener=events.put_nowait)
                 return event_stream(_stream(service, req, work, events), ctx.settings.keepalive)
             result = await service.generate(typed)
         except _Problem as problem:

@@ -41,7 +41,7 @@ class WorkQueue(Protocol):
 
     # ---- the service's side -----------------------------------------------------------------------
 
-    def put(self, work: Work, listener: Listener | None = None) -> None:
+    async def put(self, work: Work, listener: Listener | None = None) -> None:
         """Queue work; QueueFull or ShuttingDown when it cannot be taken. `listener` hears its events."""
         ...
 
@@ -50,10 +50,12 @@ class WorkQueue(Protocol):
         ...
 
     def cancel(self, work: Work) -> None:
-        """Give work up: queued, it leaves the queue at once; running, it stops at its next tick."""
+        """Give work up: queued, it leaves the queue at once; running, it stops at its next tick. Not a
+        coroutine (a waiter that is being cancelled calls it): a remote queue sends its notice in the
+        background."""
         ...
 
-    def position(self, work: Work) -> int | None:
+    async def position(self, work: Work) -> int | None:
         """Its place in the queue (0: next), None once taken."""
         ...
 
@@ -62,6 +64,10 @@ class WorkQueue(Protocol):
 
     @property
     def accepting(self) -> bool: ...
+
+    async def reachable(self) -> bool:
+        """Whether the queue's store answers (readiness is false while it does not)."""
+        ...
 
     def begin_drain(self) -> None:
         """Take no new work; what is queued still runs."""

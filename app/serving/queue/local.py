@@ -43,7 +43,7 @@ class LocalQueue:
 
     # ---- the service's side -----------------------------------------------------------------------
 
-    def put(self, work: Work, listener: Listener | None = None) -> None:
+    async def put(self, work: Work, listener: Listener | None = None) -> None:
         loop = asyncio.get_running_loop()
         with self._cond:
             if not self._accepting:
@@ -71,7 +71,7 @@ class LocalQueue:
                 self._queue.remove(work)
                 self.observer.queue_depth(len(self._queue))
 
-    def position(self, work: Work) -> int | None:
+    async def position(self, work: Work) -> int | None:
         with self._cond:
             try:
                 return self._queue.index(work)
@@ -81,6 +81,9 @@ class LocalQueue:
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    async def reachable(self) -> bool:
+        return True  # in this process
 
     @property
     def accepting(self) -> bool:

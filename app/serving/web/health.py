@@ -74,7 +74,7 @@ def routes(service: Service) -> list[Route]:
         return JSONResponse({"error": NOT_LIVE}, status_code=503)
 
     async def ready() -> JSONResponse:
-        if service.ready:
+        if await service.reachable():
             return JSONResponse({"ready": True})
         return JSONResponse({"error": f"model {service.name} is not ready"}, status_code=503)
 
