@@ -107,6 +107,10 @@ bench-invariance: $(VENV)/.installed
 bench-continuous: $(VENV)/.installed
 	$(PY) bench/continuous_batching.py --layers 8 --hidden 256 --requests 0 --out out/bench-continuous-8x256.json
 	$(PY) bench/continuous_batching.py --requests 12 --out out/bench-continuous-tiny.json
+## bench-redis: what the Redis queue adds to a request's latency, and its round trips per request
+.PHONY: bench-redis
+bench-redis: $(VENV)/.installed
+	$(PY) bench/redis_queue.py --requests 300 --out out/bench-redis-queue.json
 bench-load: $(VENV)/.installed
 	$(PY) bench/load.py
 bench-throughput: $(VENV)/.installed

@@ -98,6 +98,22 @@ def check_host(flag: str, host: str) -> None:
         raise SettingsError(f"{flag}: {host!r} is not an address this host can bind") from None
 
 
+def check_redis(args: argparse.Namespace) -> None:
+    """--redis_url parses and its password is found (never shown); the split roles need it."""
+    if not args.redis_url:
+        if args.role != "all":
+            raise SettingsError(f"--role {args.role}: needs --redis_url (replicas share work through Redis)")
+        if args.redis_password_file:
+            raise SettingsError("--redis_password_file: given without --redis_url")
+        return
+    from app.serving.queue.redis_conn import resolve
+
+    try:
+        resolve(args.redis_url, args.redis_password_file or None)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Check every flag of ours and the model directory; raises SettingsError with a one-line message."""
     model_dir = Path(args.model_dir)
@@ -120,6 +136,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         "--send_timeout": args.send_timeout,
         "--header_timeout": args.header_timeout,
         "--max_connections": args.max_connections,
+        "--job_lease": args.job_lease,
+        "--max_deliveries": args.max_deliveries,
     }
     for flag, value in positive.items():
         if not value > 0:
@@ -135,6 +153,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         raise SettingsError(f"--max_batch_images: must be >= 0 (0 = derive from memory), got {got}")
     if args.workers != 1:
         raise SettingsError("--workers: must be 1 (one process owns the GPUs; batching happens inside it)")
+    check_redis(args)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)}
     return ServerSettings(**{**given, "model_dir": str(model_dir), "device": device})
 

@@ -1,7 +1,7 @@
 """Helpers shared by several test modules (no test module imports another; they all import from here).
 
 - A real `python -m app` process, bound to loopback: `ROOT`, `free_port`, `start_server`, `wait_ready`,
-  `serve`, `listening_addresses` (from /proc/net).
+  `serve`, `listening_addresses` (from /proc/net); a real `redis-server`: `RedisServer`.
 - KServe's REST app in-process: `build_app`, `client`; the routes `python -m app` serves: `_served_routes`.
 - The Open Inference Protocol (v2) reference request and its expectations: `NAME`, `V1_BODY`, `V2_INPUTS`,
   `OUTPUT_NAMES`, `INPUT_TYPES`, `OUTPUT_TYPES`, `assert_same_as_v1`, `metric`, `prompt_png`,
@@ -17,6 +17,7 @@ import base64
 import io
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +85,51 @@ def listening_addresses(port: int) -> set[str]:
             # gRPC binds 127.0.0.1 on an IPv6 socket: its v4-mapped form is the same address
             found.add(address.removeprefix("::ffff:") if "." in address else address)
     return found
+
+
+class RedisServer:
+    """A real `redis-server` (Debian's package) on a free loopback port, its data in `workdir`: start,
+    stop (SIGTERM, or `kill()` for SIGKILL) and start again on the same port and data (append-only
+    file on), as a Redis restart in production does."""
+
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.workdir, self.password, self.port = workdir, password, free_port()
+        self.proc: subprocess.Popen | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        if shutil.which("redis-server") is None:  # .ci/run installs Debian's package
+            import pytest
+
+            pytest.skip("redis-server is not installed (Debian's redis-server package; .ci/run installs it)")
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir),
+                "--appendonly", "yes", "--save", "", "--protected-mode", "yes"]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.proc.returncode}")
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not listen within 20 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(20)
 
 
 def wait_ready(proc: subprocess.Popen, url: str) -> None:

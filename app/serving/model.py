@@ -7,6 +7,7 @@ of `Service`; the HTTP app around them is app/serving/web/app.py.
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import kserve
@@ -26,6 +27,8 @@ from app.serving.protocols.routes import ProtocolContext
 from app.serving.queue.local import LocalQueue
 from app.serving.queue.loop_worker import LoopWorker
 from app.serving.queue.memory_jobs import MemoryJobStore
+from app.serving.queue.redis_conn import resolve
+from app.serving.queue.redis_queue import RedisQueue
 from app.serving.queue.worker import BatchWorker
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,9 @@ class KandinskyModel(kserve.Model):
             # a second copy of the weights would not fit beside the first.
             return self.ready
         s = self.settings
+        if s.role == "api":  # no weights: the manifest gives the limits and the card
+            self.attach(ManifestOnly(s.model_dir))
+            return self.ready
         self.pipeline = Pipeline.load(
             s.model_dir, device=s.device, dtype=s.dtype, max_batch_images=s.max_batch_images or None,
             batch_invariant=s.batch_invariant,
@@ -70,11 +76,29 @@ class KandinskyModel(kserve.Model):
         schema = Schema(Limits(s.max_images_per_request, int(pipeline.image_vocab_size),
                                int(pipeline.manifest.dalle.image_tokens_per_dim)))
         observer = PrometheusObserver()
-        queue = LocalQueue(s.queue_size, observer)
+        queue: LocalQueue | RedisQueue
+        if s.redis_url:
+            target = resolve(s.redis_url, s.redis_password_file or None)
+            queue = RedisQueue(target, self.name, queue_size=s.queue_size, lease_s=s.job_lease,
+                               max_deliveries=s.max_deliveries, keep_s=s.job_ttl,
+                               consumer=s.replica_name or socket.gethostname(), observer=observer)
+            log.info("queue on Redis %s (password from %s), role %s", target.redacted, target.password_from,
+                     s.role)
+        else:
+            queue = LocalQueue(s.queue_size, observer)
+        if s.role == "api":
+            self.worker = None
+            self.service.open(queue, schema, lambda: True)  # alive: nothing here can break but the loop
+            self.ready = True
+            log.info("model %s ready (api: queueing for the workers), queue %d requests, deadline %.0f s",
+                     self.name, s.queue_size, s.request_timeout)
+            return
         worker_class = LoopWorker if s.continuous_batching else BatchWorker
         self.worker = worker_class(
             pipeline, queue, max_batch_images=pipeline.max_batch_images, observer=observer
         )
+        if isinstance(queue, RedisQueue):
+            queue.start_worker_threads()
         self.worker.start()
         worker = self.worker
         self.service.open(queue, schema, lambda: worker.alive)
@@ -147,3 +171,24 @@ __all__ = ["KFServingKandinskyModel", "KandinskyModel", "ServerSettings", "Shutt
 
 # The catalog's first client code imports the model under its KFServing-era name.
 KFServingKandinskyModel = KandinskyModel
+
+
+class ManifestOnly:
+    """What an `api` replica knows of the model: its manifest (limits, card), no weights."""
+
+    def __init__(self, model_dir: str) -> None:
+        from app.engine.store import load_manifest
+
+        self.manifest = load_manifest(model_dir)
+        self.image_vocab_size = self.manifest.dalle.image_vocab_size
+        self.max_batch_images = 0  # this replica generates nothing
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.manifest.dalle
+        return {"name": self.manifest.name, "role": "api",
+                "transformer": {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                                "num_attention_heads": cfg.num_attention_heads,
+                                "text_seq_length": cfg.text_seq_length,
+                                "image_tokens_per_dim": cfg.image_tokens_per_dim,
+                                "vocab_size": cfg.vocab_size, "image_vocab_size": cfg.image_vocab_size,
+                                "hf_version": cfg.hf_version}}

@@ -68,6 +68,28 @@ class ServerSettings:
         "done; --no-continuous_batching decodes one merged batch at a time.",
         action=argparse.BooleanOptionalAction,
     )
+    redis_url: str = _flag(
+        "",
+        "Redis that makes replicas one service (redis://host:6379/0 or rediss://; the password from "
+        "--redis_password_file, else REDIS_PASSWORD, else the URL): one queue for every replica, work "
+        "leased so that a lost replica loses nothing. Empty: everything in this process.",
+    )
+    redis_password_file: str = _flag("", "File holding the Redis password (a mounted Secret).")
+    role: str = _flag(
+        "all",
+        "all: serve the APIs and generate; api: serve the APIs and queue work, load no weights (needs "
+        "--redis_url); worker: generate from the Redis queue.",
+        choices=["all", "api", "worker"],
+    )
+    replica_name: str = _flag("", "This replica's name in Redis (leases, logs); empty: the host name.")
+    job_lease: float = _flag(
+        30.0, "Seconds a worker's hold on running work lasts unrenewed (with --redis_url); past it, "
+        "another worker reruns the work from the start with its seed."
+    )
+    max_deliveries: int = _flag(
+        3, "Times work is started at most (with --redis_url) when its workers keep being lost; then it "
+        "fails saying so."
+    )
     log_format: str = _flag(
         "text",
         "text: one human-readable line per record; json: one JSON object per line.",

@@ -1,0 +1,550 @@
+"""The `WorkQueue` on Redis (SPEC section 11): one queue for every replica, work leased so that a killed
+replica loses nothing. docs/ARCHITECTURE.md ("Many replicas as one service") has the design.
+
+- The queue is a Stream (`<prefix>queue`) with the consumer group `workers`; `<prefix>waiting` counts the
+  entries not yet taken, so `--queue_size` bounds the whole service (one Lua script checks and adds).
+- Each request has a hash `<prefix>work:<id>`: the typed request as JSON, its absolute deadline, its
+  state (queued, running, cancelled, done), owner and fencing token, and a Stream of its events
+  `<prefix>events:<id>` (started, progress, result, error). The replica that holds the client's
+  connection reads that stream (one `XREAD` for all the requests it waits on) and answers from it.
+- A worker takes one entry at a time (`XREADGROUP`) and claims it with a script that moves it from
+  queued to running and increments its token; every later write of that run (progress, result,
+  error) goes through a script that checks the token, so a worker that lost its lease cannot write
+  over the new owner's result. Leases are the group's pending entries: the worker renews its own
+  (`XCLAIM ... JUSTID`) while it runs them; a sweep on every worker takes over entries idle past the
+  lease (`XAUTOCLAIM`) and reruns them from the start with their seed, failing one delivered more than
+  `max_deliveries` times.
+- Cancel marks the hash and publishes the id on `<prefix>cancel`; a queued entry is removed at once, a
+  running one is stopped by the worker that holds it at its next step (its subscriber thread sets
+  `Work.cancelled`), with no Redis read per step.
+
+Service side: coroutines on the event loop with an asyncio client. Worker side: a blocking client on the
+worker's thread, plus two threads (lease keeper, cancel subscriber). Redis errors on the service side are
+`Unavailable` (503 with Retry-After), never a hang: every command has a 1 s socket timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from app.engine.jobs import Job, Progress
+from app.engine.params import GenerationParams, ImagePrompt
+from app.serving.core import errors
+from app.serving.core.errors import QueueFull, ServiceError, ShuttingDown
+from app.serving.core.types import (
+    Event,
+    ImageRequest,
+    InstanceResult,
+    Listener,
+    Progressed,
+    RequestResult,
+    Started,
+)
+from app.serving.queue.base import Work
+from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
+from app.serving.queue.redis_conn import RedisTarget
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+EVENTS_MAXLEN = 512  # progress entries kept per request (the final event is always the newest)
+READ_BLOCK_MS = 250  # how long one XREAD of the waiters' streams blocks before it re-reads its set
+POLL_S = 0.05  # a busy worker with free slots looks at the queue at most this often (no read per step)
+PING_S = 1.0  # readiness asks Redis at most this often
+
+# put: refuse when the service-wide bound is reached, else record the request and add it to the stream.
+_PUT = """
+local waiting = tonumber(redis.call('GET', KEYS[1]) or '0')
+if waiting >= tonumber(ARGV[1]) then return false end
+redis.call('INCR', KEYS[1])
+local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
+redis.call('HSET', KEYS[3], 'state', 'queued', 'entry', entry, 'request', ARGV[3], 'images', ARGV[4],
+           'enqueued', ARGV[5], 'deadline', ARGV[6], 'token', '0', 'deliveries', '0')
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+return entry
+"""
+# claim: a delivered entry becomes running under a new token; a cancelled or finished one is dropped.
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' then redis.call('DECR', KEYS[3]) end
+if state ~= 'queued' and state ~= 'running' then
+  redis.call('XACK', KEYS[2], ARGV[3], ARGV[1]); redis.call('XDEL', KEYS[2], ARGV[1])
+  return false
+end
+local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
+return token
+"""
+# cancel: a queued entry leaves the stream and the bound at once.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'done' or state == 'cancelled' then return 0 end
+if state == 'queued' then
+  redis.call('XDEL', KEYS[2], redis.call('HGET', KEYS[1], 'entry')); redis.call('DECR', KEYS[3])
+end
+redis.call('HSET', KEYS[1], 'state', 'cancelled')
+redis.call('PUBLISH', KEYS[4], ARGV[1])
+return 1
+"""
+# tell / finish / fail, fenced by the run's token; a final event also acknowledges and removes the entry.
+_WRITE = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'kind', ARGV[2], 'data', ARGV[3])
+if ARGV[4] == '1' then
+  local entry = redis.call('HGET', KEYS[1], 'entry')
+  if redis.call('HGET', KEYS[1], 'state') == 'running' then redis.call('HSET', KEYS[1], 'state', 'done') end
+  redis.call('XACK', KEYS[3], ARGV[6], entry); redis.call('XDEL', KEYS[3], entry)
+  redis.call('EXPIRE', KEYS[1], ARGV[7]); redis.call('EXPIRE', KEYS[2], ARGV[7])
+end
+return 1
+"""
+
+
+class Unavailable(QueueFull):
+    """Redis cannot be reached: 503 with Retry-After, like a full queue."""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[RequestResult]
+    listener: Listener | None
+    last_id: str = "0-0"
+
+
+@dataclass(eq=False)
+class _Held:
+    """Work this worker runs: its stream entry and the token that fences its writes."""
+
+    work: Work
+    entry: str
+    token: int
+
+
+# ---- the request and its result as JSON -------------------------------------------------------------
+
+
+def request_to_json(request: ImageRequest) -> str:
+    instances = [{"query": job.query, "params": dataclasses.asdict(job.params)} for job in request.instances]
+    return json.dumps({"instances": instances, "timeout_s": request.timeout_s, "protocol": request.protocol,
+                       "tenant": request.tenant}, ensure_ascii=False)
+
+
+def request_from_json(text: str) -> ImageRequest:
+    raw = json.loads(text)
+    jobs = []
+    for inst in raw["instances"]:
+        params = dict(inst["params"])
+        if params.get("image_prompt") is not None:
+            params["image_prompt"] = ImagePrompt(**params["image_prompt"])
+        jobs.append(Job(inst["query"], GenerationParams(**params)))
+    return ImageRequest(tuple(jobs), raw["timeout_s"], raw["protocol"], raw["tenant"])
+
+
+def result_to_json(result: RequestResult) -> str:
+    return json.dumps(dataclasses.asdict(result))
+
+
+def result_from_json(text: str) -> RequestResult:
+    raw = json.loads(text)
+    return RequestResult([InstanceResult(**i) for i in raw["instances"]], raw["queue_seconds"])
+
+
+def error_to_json(error: ServiceError) -> str:
+    return json.dumps({"type": type(error).__name__, "message": error.message})
+
+
+def error_from_json(text: str) -> ServiceError:
+    raw = json.loads(text)
+    kind = getattr(errors, raw["type"], None)
+    if not (isinstance(kind, type) and issubclass(kind, ServiceError)):
+        kind = errors.GenerationFailed
+    return kind(raw["message"])
+
+
+def _progress_to_json(event: Progressed) -> str:
+    return json.dumps([None if p is None else [p.step, p.steps, p.preview] for p in event.instances])
+
+
+def _progress_from_json(text: str) -> Progressed:
+    return Progressed(tuple(None if p is None else Progress(step=p[0], steps=p[1], preview=p[2])
+                            for p in json.loads(text)))
+
+
+class RedisQueue:
+    """A `WorkQueue` shared by every replica through Redis (see the module docstring)."""
+
+    def __init__(self, target: RedisTarget, model: str, *, queue_size: int = 32, lease_s: float = 30.0,
+                 max_deliveries: int = 3, keep_s: float = 3600.0, consumer: str = "worker",
+                 observer: QueueObserver = NULL_OBSERVER) -> None:
+        self.target, self.queue_size, self.lease_s = target, queue_size, lease_s
+        self.max_deliveries, self.keep_s, self.consumer = max_deliveries, keep_s, consumer
+        self.observer = observer
+        self.prefix = f"kandinsky:{model}:"
+        self.stream = self.prefix + "queue"
+        self.waiting_key = self.prefix + "waiting"
+        self.cancel_channel = self.prefix + "cancel"
+        # Any: redis-py's reply types are unions of every reply shape; the replies are read as documented.
+        self._aio: Any = None
+        self._reader: Any = None
+        self._waiters: dict[str, _Waiter] = {}
+        self._pump: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._closed = False
+        self._depth = 0
+        self._reachable = (0.0, True)  # (when asked, answer)
+        self._next_poll = 0.0
+        # worker side
+        self._sync: Any = None
+        self._held: dict[str, _Held] = {}
+        self._reclaimed: list[tuple[str, str]] = []  # (entry, id) taken over from a lapsed lease
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def work_key(self, work_id: str) -> str:
+        return f"{self.prefix}work:{work_id}"
+
+    def events_key(self, work_id: str) -> str:
+        return f"{self.prefix}events:{work_id}"
+
+    # ---- the service's side -----------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        if self._aio is None:
+            self._aio = self.target.async_client()
+        return self._aio
+
+    async def put(self, work: Work, listener: Listener | None = None) -> None:
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        now_unix, now = time.time(), time.monotonic()
+        keys = [self.waiting_key, self.stream, self.work_key(work.id)]
+        args = [self.queue_size, work.id, request_to_json(work.request), work.images, now_unix,
+                now_unix + (work.deadline - now), int(self.keep_s + work.deadline - now)]
+        try:
+            entry = await self._client().eval(_PUT, len(keys), *keys, *args)
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
+        if entry is None:
+            raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+        loop = asyncio.get_running_loop()
+        self._waiters[work.id] = _Waiter(loop.create_future(), listener)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.ensure_future(self._read_events())
+
+    async def outcome(self, work: Work) -> RequestResult:
+        waiter = self._waiters[work.id]
+        try:
+            return await asyncio.shield(waiter.future)
+        finally:
+            if waiter.future.done():
+                self._waiters.pop(work.id, None)
+
+    def cancel(self, work: Work) -> None:
+        work.cancelled = True
+        waiter = self._waiters.get(work.id)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.cancel()
+        self._waiters.pop(work.id, None)
+        asyncio.ensure_future(self._cancel(work.id))
+
+    async def _cancel(self, work_id: str) -> None:
+        keys = [self.work_key(work_id), self.stream, self.waiting_key, self.cancel_channel]
+        try:
+            await self._client().eval(_CANCEL, len(keys), *keys, work_id)
+        except redis.RedisError:
+            log.warning("could not send a cancel to Redis; the work runs on until its deadline")
+
+    async def position(self, work: Work) -> int | None:
+        try:
+            client = self._client()
+            state, entry = await client.hmget(self.work_key(work.id), ["state", "entry"])
+            if state != b"queued" or entry is None:
+                return None
+            groups = await client.xinfo_groups(self.stream)
+            last = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP.encode()), b"0-0")
+            ahead = await client.xrange(self.stream, b"(" + last, b"(" + entry, count=self.queue_size)
+            return len(ahead)
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from None
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    async def reachable(self) -> bool:
+        """Whether Redis answers (asked at most once a second): readiness is false while it does not."""
+        asked, answer = self._reachable
+        if time.monotonic() - asked < PING_S:
+            return answer
+        try:
+            answer = bool(await self._client().ping())
+            await self.refresh_depth()
+        except redis.RedisError:
+            answer = False
+        self._reachable = (time.monotonic(), answer)
+        return answer
+
+    async def refresh_depth(self) -> int:
+        value = await self._client().get(self.waiting_key)
+        self._depth = int(value or 0)
+        self.observer.queue_depth(self._depth)
+        return self._depth
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def begin_drain(self) -> None:
+        self._accepting = False
+
+    def close(self, error: ServiceError) -> None:
+        self.begin_drain()
+        self._closed = True
+        for waiter in self._waiters.values():
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
+        self._waiters.clear()
+        self._hand_back_all()
+
+    async def aclose(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+        for client in (self._aio, self._reader):
+            if client is not None:
+                await client.aclose()
+
+    async def _read_events(self) -> None:
+        """One reader for every request this replica waits on: their event streams, each from where it
+        left off, answered and told to their listeners."""
+        if self._reader is None:
+            self._reader = self.target.async_client(timeout=READ_BLOCK_MS / 1000 + 1.0)
+        while True:
+            streams = {self.events_key(wid): w.last_id for wid, w in list(self._waiters.items())
+                       if not w.future.done()}
+            if not streams:
+                return
+            try:
+                got = await self._reader.xread(streams, block=READ_BLOCK_MS)
+            except redis.RedisError:
+                log.warning("reading request events from Redis failed; retrying", exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            for key, entries in got or ():
+                wid = key.decode().rsplit(":", 1)[1]
+                waiter = self._waiters.get(wid)
+                if waiter is None or waiter.future.done():
+                    continue
+                for entry_id, fields in entries:
+                    waiter.last_id = entry_id.decode()
+                    self._deliver(wid, waiter, fields[b"kind"].decode(), fields[b"data"].decode())
+
+    def _deliver(self, wid: str, waiter: _Waiter, kind: str, data: str) -> None:
+        if kind in ("result", "error"):  # the waiter leaves once `outcome` has read it
+            if waiter.future.done():
+                return
+            if kind == "result":
+                waiter.future.set_result(result_from_json(data))
+            else:
+                waiter.future.set_exception(error_from_json(data))
+            return
+        if waiter.listener is None:
+            return
+        event: Event = Started() if kind == "started" else _progress_from_json(data)
+        try:
+            waiter.listener(event)
+        except Exception:  # a listener's fault never stops the reader
+            log.exception("a request's listener failed")
+
+    # ---- the worker's side ------------------------------------------------------------------------
+
+    def _worker_client(self) -> Any:
+        if self._sync is None:
+            self._sync = self.target.client(timeout=max(1.0, self.lease_s / 3))
+            try:
+                self._sync.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        return self._sync
+
+    def start_worker_threads(self) -> None:
+        """The lease keeper (renews held entries, takes over lapsed ones) and the cancel subscriber."""
+        for target, name in ((self._keep_leases, "kandinsky-leases"),
+                             (self._listen_cancels, "kandinsky-cancels")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def take(self, max_images: int, *, wait: float = 0.0) -> list[Work]:
+        """Queued work up to `max_images` images (the first request whatever its size), reclaimed work
+        first; blocks up to `wait` seconds for the first."""
+        if not self._accepting or max_images <= 0:  # draining: other replicas take what is queued
+            time.sleep(wait)
+            return []
+        now = time.monotonic()
+        if not wait and now < self._next_poll and not self._reclaimed:
+            return []
+        client = self._worker_client()
+        taken: list[Work] = []
+        images = 0
+        block: int | None = int(wait * 1000) or None
+        while images < max_images and not self._closed:
+            with self._lock:
+                reclaimed = self._reclaimed.pop(0) if self._reclaimed else None
+            if reclaimed is not None:
+                entry, wid = reclaimed
+            else:
+                got = client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=1, block=block)
+                if not got:
+                    self._next_poll = time.monotonic() + POLL_S
+                    break
+                entry_b, fields = got[0][1][0]
+                entry, wid = entry_b.decode(), fields[b"id"].decode()
+            block = None
+            work = self._claim(client, entry, wid)
+            if work is not None:
+                taken.append(work)
+                images += work.images
+        return taken
+
+    def _claim(self, client: Any, entry: str, wid: str) -> Work | None:
+        keys = [self.work_key(wid), self.stream, self.waiting_key]
+        token = client.eval(_CLAIM, len(keys), *keys, entry, self.consumer, GROUP)
+        if token is None:
+            return None
+        raw = client.hgetall(self.work_key(wid))
+        deliveries = int(raw.get(b"deliveries", b"1"))
+        if deliveries > self.max_deliveries:
+            held = _Held(Work(request_from_json(raw[b"request"].decode()), 0.0, 0.0, wid), entry, int(token))
+            self._write(client, held, "error", error_to_json(errors.GenerationFailed(
+                f"the request was started {deliveries - 1} times and its worker was lost each time "
+                f"(--max_deliveries {self.max_deliveries}); not retried again")), final=True)
+            return None
+        now_unix, now = time.time(), time.monotonic()
+        request = request_from_json(raw[b"request"].decode())
+        work = Work(request, enqueued=now - (now_unix - float(raw[b"enqueued"])),
+                    deadline=now + (float(raw[b"deadline"]) - now_unix), id=wid)
+        with self._lock:
+            self._held[wid] = _Held(work, entry, int(token))
+        if work.deadline <= now:  # dropped before it costs GPU time, as in-process
+            self.fail(work, errors.DeadlineExceeded("the request expired in the queue"))
+            return None
+        if deliveries > 1:
+            log.warning("request %s: taken over after its worker's lease lapsed (delivery %d of at most "
+                        "%d)", wid, deliveries, self.max_deliveries)
+        return work
+
+    def _write(self, client: Any, held: _Held, kind: str, data: str, *, final: bool) -> bool:
+        keys = [self.work_key(held.work.id), self.events_key(held.work.id), self.stream]
+        args = [held.token, kind, data, "1" if final else "0", EVENTS_MAXLEN, GROUP, int(self.keep_s)]
+        return bool(client.eval(_WRITE, len(keys), *keys, *args))
+
+    def tell(self, work: Work, event: Event) -> None:
+        held = self._held.get(work.id)
+        if held is None or work.cancelled:
+            return
+        kind, data = ("started", "") if isinstance(event, Started) else ("progress", _progress_to_json(event))
+        try:
+            if not self._write(self._worker_client(), held, kind, data, final=False):
+                self._lost(work)
+        except redis.RedisError:
+            log.warning("request %s: could not record its progress in Redis", work.id)
+
+    def finish(self, work: Work, result: RequestResult) -> None:
+        self._final(work, "result", result_to_json(result))
+
+    def fail(self, work: Work, error: ServiceError) -> None:
+        self._final(work, "error", error_to_json(error))
+
+    def _final(self, work: Work, kind: str, data: str) -> None:
+        with self._lock:
+            held = self._held.pop(work.id, None)
+        if held is None:
+            return
+        try:
+            if not self._write(self._worker_client(), held, kind, data, final=True):
+                log.warning("request %s: its lease was taken over; this worker's late %s is dropped",
+                            work.id, kind)
+        except redis.RedisError:
+            # The lease lapses and another worker reruns it: nothing is lost, the time is.
+            log.warning("request %s: could not record its %s in Redis; it will be rerun", work.id, kind)
+
+    def _lost(self, work: Work) -> None:
+        """Another worker owns this work now: stop running it here."""
+        log.warning("request %s: its lease was taken over by another worker; stopping it here", work.id)
+        work.cancelled = True
+        with self._lock:
+            self._held.pop(work.id, None)
+
+    def _keep_leases(self) -> None:
+        client: Any = self.target.client(timeout=max(1.0, self.lease_s / 3))
+        while not self._closed:
+            time.sleep(self.lease_s / 3)
+            try:
+                with self._lock:
+                    entries = [h.entry for h in self._held.values()]
+                if entries:
+                    client.xclaim(self.stream, GROUP, self.consumer, 0, entries, justid=True)
+                _, lapsed, _ = client.xautoclaim(self.stream, GROUP, self.consumer,
+                                                 int(self.lease_s * 1000), "0-0", count=16, justid=False)
+                for entry_b, fields in lapsed:
+                    if not fields:
+                        continue  # removed from the stream (finished or cancelled) meanwhile
+                    entry, wid = entry_b.decode(), fields[b"id"].decode()
+                    delivered = int(client.hget(self.work_key(wid), "deliveries") or 0)
+                    if delivered >= self.max_deliveries:
+                        self._claim(client, entry, wid)  # fails it, saying why, without running it
+                        continue
+                    with self._lock:
+                        self._reclaimed.append((entry, wid))
+            except redis.RedisError:
+                log.warning("renewing leases in Redis failed; retrying", exc_info=True)
+
+    def _listen_cancels(self) -> None:
+        while not self._closed:
+            try:
+                listener: Any = self.target.client(timeout=None)
+                pubsub = listener.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.cancel_channel)
+                for message in pubsub.listen():
+                    if self._closed:
+                        return
+                    held = self._held.get(message["data"].decode())
+                    if held is not None:
+                        held.work.cancelled = True
+            except redis.RedisError:
+                log.warning("the cancel subscription to Redis failed; resubscribing", exc_info=True)
+                time.sleep(1.0)
+
+    def _hand_back_all(self) -> None:
+        """Draining: the entries still held go back at once (idle past the lease) for another worker."""
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        if not held or self._sync is None:
+            return
+        try:
+            idle = int(self.lease_s * 1000) + 1
+            self._sync.xclaim(self.stream, GROUP, self.consumer, 0, [h.entry for h in held], idle=idle,
+                              justid=True)
+        except redis.RedisError:
+            log.warning("could not hand work back to Redis; it is rerun once its lease lapses")
+
+
+def _unavailable(exc: Exception) -> Unavailable:
+    log.warning("Redis is unreachable (%s)", type(exc).__name__)
+    return Unavailable("the queue's store is unreachable; retry later")
+
