@@ -5,6 +5,7 @@ fail fast (not hang) when Redis is gone."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -118,13 +119,21 @@ def test_a_redis_that_stops_answering_is_a_timeout_not_a_hang(tmp_path) -> None:
     (["--role", "worker"], "--role worker: needs --redis_url"),
     (["--redis_password_file", "/nonexistent"], "--redis_password_file: given without --redis_url"),
     (["--redis_url", "http://redis:6379/0"], "--redis_url: scheme 'http'"),
-    (["--redis_url", "redis://:" + SECRET.replace("#", "%23") + "@redis:6379/db"], "database index"),
     (["--redis_url", "redis://redis/0", "--redis_password_file", "/nonexistent"], "cannot read"),
     (["--redis_url", "redis://redis/0", "--job_lease", "0"], "--job_lease: must be > 0"),
     (["--redis_url", "redis://redis/0", "--max_deliveries", "0"], "--max_deliveries: must be > 0"),
 ])
-def test_bad_redis_flags_exit_2_with_one_line_that_never_shows_the_password(tiny_model_dir, flags, needle):
+def test_bad_redis_flags_are_refused_naming_the_flag(tiny_model_dir, flags, needle):
+    from app.__main__ import SettingsError, build_parser, settings_from_args
+
+    args = build_parser().parse_args(["--model_dir", str(tiny_model_dir), "--device", "cpu", *flags])
+    with pytest.raises(SettingsError, match=re.escape(needle)):
+        settings_from_args(args)
+
+
+def test_a_bad_redis_url_exits_2_with_one_line_that_never_shows_the_password(tiny_model_dir):
+    url = "redis://:" + SECRET.replace("#", "%23") + "@redis:6379/db"
     proc = subprocess.run([sys.executable, "-m", "app", "--model_dir", str(tiny_model_dir), "--device", "cpu",
-                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+                           "--redis_url", url], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--redis_url: the path must be a database index" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "s3cr" not in proc.stderr
