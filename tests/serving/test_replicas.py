@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import RedisServer, serve
+from tests.support import RedisServer, metric, serve
 
 NAME = "kandinsky"
 PREDICT = f"/v1/models/{NAME}:predict"
@@ -102,11 +102,13 @@ def test_a_killed_worker_loses_nothing_a_survivor_reruns_it_with_its_seed(api, t
         client.join(300)
         assert images_of(answers["r"]) == in_process(tiny_model_dir, 33, images=4)
         assert any("taken over after its worker's lease lapsed" in line for line in survivor["lines"])
+        assert metric(survivor["base"], "kandinsky_deliveries_total", '{kind="takeover"}') == 1
 
 
 def test_redis_gone_is_a_fast_503_and_not_ready_but_alive_and_it_recovers(api, tiny_model_dir, redis_srv):
     base = api["base"]
     assert httpx.get(base + "/v2/health/ready", timeout=5).status_code == 200
+    errors = metric(base, "kandinsky_redis_seconds_count", '{outcome="error"}')
     redis_srv.stop()
     try:
         t0 = time.monotonic()
@@ -116,6 +118,7 @@ def test_redis_gone_is_a_fast_503_and_not_ready_but_alive_and_it_recovers(api, t
         time.sleep(1.1)  # readiness asks Redis at most once a second
         assert httpx.get(base + "/v2/health/ready", timeout=5).status_code == 503
         assert httpx.get(base + "/v2/health/live", timeout=5).status_code == 200
+        assert metric(base, "kandinsky_redis_seconds_count", '{outcome="error"}') >= errors + 2
     finally:
         redis_srv.start()
     with replica(tiny_model_dir, *flags(redis_srv, "worker", "worker-1")):

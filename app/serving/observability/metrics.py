@@ -71,6 +71,18 @@ EVENT_SUBSCRIBERS_DROPPED = Counter(
     "kandinsky_event_subscribers_dropped",
     "Event-stream clients disconnected because a send made no progress for --send_timeout seconds.",
 )
+REDIS_SECONDS = Histogram(
+    "kandinsky_redis_seconds",
+    "Service-side Redis round trips (queueing a request, readiness): their latency, answered or not.",
+    ["outcome"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2),
+)
+DELIVERIES_TOTAL = Counter(
+    "kandinsky_deliveries",
+    "Work claimed by this worker from the Redis queue: first, a takeover after another worker's lease "
+    "lapsed, or exhausted (failed for having been delivered more than --max_deliveries times).",
+    ["kind"],
+)
 GPU_MEMORY_BYTES = Gauge(
     "kandinsky_gpu_memory_bytes", "CUDA memory allocated by this process, per device.", ["device"]
 )
@@ -133,6 +145,12 @@ class PrometheusObserver:
 
     def admitted(self, wait: float) -> None:
         ADMISSION_WAIT_SECONDS.observe(wait)
+
+    def redis_call(self, seconds: float, ok: bool) -> None:
+        REDIS_SECONDS.labels(outcome="ok" if ok else "error").observe(seconds)
+
+    def delivery(self, takeover: bool, exhausted: bool) -> None:
+        DELIVERIES_TOTAL.labels(kind="exhausted" if exhausted else "takeover" if takeover else "first").inc()
 
 
 class PrometheusJobObserver:

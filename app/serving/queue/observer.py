@@ -30,6 +30,15 @@ class QueueObserver(Protocol):
         """Continuous batching: a request's first rows joined the slots `wait` s after it was queued."""
         ...
 
+    def redis_call(self, seconds: float, ok: bool) -> None:
+        """A service-side Redis round trip took `seconds` (ok: it answered)."""
+        ...
+
+    def delivery(self, takeover: bool, exhausted: bool) -> None:
+        """A worker claimed work: `takeover` after another worker's lease lapsed, `exhausted` when it
+        was failed instead for having been delivered more than --max_deliveries times."""
+        ...
+
 
 class _NullObserver:
     def queue_depth(self, depth: int) -> None:
@@ -48,6 +57,12 @@ class _NullObserver:
         pass
 
     def admitted(self, wait: float) -> None:
+        pass
+
+    def redis_call(self, seconds: float, ok: bool) -> None:
+        pass
+
+    def delivery(self, takeover: bool, exhausted: bool) -> None:
         pass
 
 

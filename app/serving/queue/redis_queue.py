@@ -230,10 +230,13 @@ class RedisQueue:
         keys = [self.waiting_key, self.stream, self.work_key(work.id)]
         args = [self.queue_size, work.id, request_to_json(work.request), work.images, now_unix,
                 now_unix + (work.deadline - now), int(self.keep_s + work.deadline - now)]
+        t0 = time.perf_counter()
         try:
             entry = await self._client().eval(_PUT, len(keys), *keys, *args)
         except redis.RedisError as exc:
+            self.observer.redis_call(time.perf_counter() - t0, ok=False)
             raise _unavailable(exc) from None
+        self.observer.redis_call(time.perf_counter() - t0, ok=True)
         if entry is None:
             raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
         loop = asyncio.get_running_loop()
@@ -286,10 +289,13 @@ class RedisQueue:
         asked, answer = self._reachable
         if time.monotonic() - asked < PING_S:
             return answer
+        t0 = time.perf_counter()
         try:
             answer = bool(await self._client().ping())
+            self.observer.redis_call(time.perf_counter() - t0, ok=True)
             await self.refresh_depth()
         except redis.RedisError:
+            self.observer.redis_call(time.perf_counter() - t0, ok=False)
             answer = False
         self._reachable = (time.monotonic(), answer)
         return answer
@@ -428,6 +434,7 @@ class RedisQueue:
             return None
         raw = client.hgetall(self.work_key(wid))
         deliveries = int(raw.get(b"deliveries", b"1"))
+        self.observer.delivery(takeover=deliveries > 1, exhausted=deliveries > self.max_deliveries)
         if deliveries > self.max_deliveries:
             held = _Held(Work(request_from_json(raw[b"request"].decode()), 0.0, 0.0, wid), entry, int(token))
             self._write(client, held, "error", error_to_json(errors.GenerationFailed(
