@@ -7,10 +7,11 @@ Today's in-process behaviour is the first implementation of each (`local.LocalQu
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from app.serving.core.errors import ServiceError
 from app.serving.core.types import Event, ImageRequest, JobEvent, JobRecord, Listener, RequestResult
@@ -33,6 +34,17 @@ class Work:
     @property
     def images(self) -> int:
         return self.request.images
+
+
+async def await_answer(waiters: dict[str, Any], work: Work) -> RequestResult:
+    """A queue's `outcome`: await the future of `waiters[work.id]` (anything with a `future`) shielded,
+    so that a waiter who gives up does not cancel what the worker will answer; it leaves once answered."""
+    waiter = waiters[work.id]
+    try:
+        return cast("RequestResult", await asyncio.shield(waiter.future))
+    finally:
+        if waiter.future.done():
+            waiters.pop(work.id, None)
 
 
 class WorkQueue(Protocol):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.serving.core.errors import DeadlineExceeded, QueueFull, ServiceError, ShuttingDown
 from app.serving.core.types import Event, Listener, RequestResult
-from app.serving.queue.base import Work
+from app.serving.queue.base import Work, await_answer
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,7 @@ class LocalQueue:
             self._cond.notify()
 
     async def outcome(self, work: Work) -> RequestResult:
-        waiter = self._waiters[work.id]
-        try:
-            # shielded: a waiter that gives up must not cancel the future the worker will answer
-            return await asyncio.shield(waiter.future)
-        finally:
-            if waiter.future.done():
-                self._waiters.pop(work.id, None)
+        return await await_answer(self._waiters, work)
 
     def cancel(self, work: Work) -> None:
         work.cancelled = True

@@ -27,11 +27,11 @@ from typing import Any, cast
 from app.engine.continuous import ContinuousLoop, Done
 from app.engine.jobs import JobFailed, JobResult, Outcome, Progress
 from app.engine.previews import Deliver
-from app.serving.core.errors import GenerationFailed, RequestInvalid, ShuttingDown
+from app.serving.core.errors import GenerationFailed, RequestInvalid
 from app.serving.core.types import InstanceResult, Progressed, RequestResult, Started
 from app.serving.queue.base import Work, WorkQueue
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
-from app.serving.queue.worker import preview_sink, wants_previews
+from app.serving.queue.worker import WorkerThread, preview_sink, wants_previews
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class _Running:
         return self.sinks[instance]
 
 
-class LoopWorker:
+class LoopWorker(WorkerThread):
     """Feeds a `ContinuousLoop` from a `WorkQueue` on its own thread (see the module docstring)."""
 
     def __init__(self, pipeline: Any, queue: WorkQueue, *, max_batch_images: int | None = None,
@@ -67,33 +67,14 @@ class LoopWorker:
         self.queue = queue
         self.slots = max(1, int(max_batch_images or pipeline.max_batch_images))
         self.observer = observer
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        super().__init__()
         self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kandinsky-finish")
         self._lock = threading.Lock()  # guards _Running.outcomes/ended between the two threads
         self.steps = pipeline.manifest.dalle.image_seq_length
         self.per_row = pipeline.manifest.dalle.image_tokens_per_dim
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="kandinsky-gpu-worker", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop intake, finish what is queued and running for up to `timeout` s, fail what is left."""
-        self.queue.begin_drain()
-        self._stopping = True
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def _after_join(self) -> None:
         self._finisher.shutdown(wait=True, cancel_futures=False)
-        self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
-        if self._thread is not None and self._thread.is_alive():
-            log.warning("worker: generations were still running after %.0f s; not waiting for them", timeout)
 
     # ---- the thread -------------------------------------------------------------------------------
 

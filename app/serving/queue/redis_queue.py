@@ -49,7 +49,7 @@ from app.serving.core.types import (
     RequestResult,
     Started,
 )
-from app.serving.queue.base import Work
+from app.serving.queue.base import Work, await_answer
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
 from app.serving.queue.redis_conn import RedisTarget
 
@@ -245,12 +245,7 @@ class RedisQueue:
             self._pump = asyncio.ensure_future(self._read_events())
 
     async def outcome(self, work: Work) -> RequestResult:
-        waiter = self._waiters[work.id]
-        try:
-            return await asyncio.shield(waiter.future)
-        finally:
-            if waiter.future.done():
-                self._waiters.pop(work.id, None)
+        return await await_answer(self._waiters, work)
 
     def cancel(self, work: Work) -> None:
         work.cancelled = True

@@ -44,23 +44,28 @@ class BatchRunner(Protocol):
         ...
 
 
-class BatchWorker:
-    """Feeds the pipeline from a `WorkQueue` on its own thread."""
+class WorkerThread:
+    """The one GPU worker thread of a worker: started once, alive while it runs, stopped by draining the
+    queue, waiting for what runs, then failing what is left. Subclasses give `_run` (the thread's
+    body) and may release more in `_after_join`."""
 
-    def __init__(self, pipeline: BatchRunner, queue: WorkQueue, *, max_batch_images: int | None = None,
-                 observer: QueueObserver = NULL_OBSERVER) -> None:
-        self.pipeline = pipeline
-        self.queue = queue
-        self.max_batch_images = max(1, int(max_batch_images or pipeline.max_batch_images))
-        self.observer = observer
+    queue: WorkQueue
+
+    def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _after_join(self) -> None:
+        pass
 
     def start(self) -> None:
         if self._thread is not None:
             return
         # Daemon: a batch stuck on the GPU must not keep a terminating pod alive past its grace period.
-        self._thread = threading.Thread(target=self._loop, name="kandinsky-gpu-worker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="kandinsky-gpu-worker", daemon=True)
         self._thread.start()
 
     @property
@@ -68,18 +73,31 @@ class BatchWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop intake, finish what is queued for up to `timeout` s, fail what is left, join."""
+        """Stop intake, finish what is queued and running for up to `timeout` s, fail what is left."""
         self.queue.begin_drain()
         self._stopping = True
         if self._thread is not None:
             self._thread.join(timeout)
+        self._after_join()
         self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
         if self._thread is not None and self._thread.is_alive():
-            log.warning("worker: a batch was still running after %.0f s; not waiting for it", timeout)
+            log.warning("worker: generations were still running after %.0f s; not waiting for them", timeout)
+
+
+class BatchWorker(WorkerThread):
+    """Feeds the pipeline from a `WorkQueue` on its own thread, one merged batch at a time."""
+
+    def __init__(self, pipeline: BatchRunner, queue: WorkQueue, *, max_batch_images: int | None = None,
+                 observer: QueueObserver = NULL_OBSERVER) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+        self.queue = queue
+        self.max_batch_images = max(1, int(max_batch_images or pipeline.max_batch_images))
+        self.observer = observer
 
     # ---- the thread -------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
         while True:
             batch: list[Work] = []
             try:
