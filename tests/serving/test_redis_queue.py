@@ -132,10 +132,21 @@ async def test_a_lapsed_lease_is_taken_over_and_the_old_owner_cannot_write_over_
     while not again and time.monotonic() < deadline:
         again = await asyncio.to_thread(survivor.take, 1, wait=0.5)
     assert [x.id for x in again] == [w.id] and again[0].request == w.request  # rerun, same seed
-    dead.finish(lost, result(666))  # the paused worker wakes up: fenced out
+    # The paused worker wakes up: its lease keeper finds the work owned by another token and stops it
+    # there, without claiming the entry back from the survivor.
+    dead.start_worker_threads()
+    deadline = time.monotonic() + 5
+    while not lost.cancelled and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert lost.cancelled
+    client = resolve(fresh.url, environ={}).client()
+    (pending,) = client.xpending_range(dead.stream, "workers", "-", "+", 10)
+    assert pending["consumer"] == b"survivor"
+    dead.finish(lost, result(666))  # and its late result is fenced out
     survivor.finish(again[0], result(9))
     assert await asyncio.wait_for(api.outcome(w), 10) == result(9)
     survivor.close(GenerationFailed("stop"))
+    dead._closed = True
     await api.aclose()
 
 

@@ -96,6 +96,21 @@ redis.call('HSET', KEYS[1], 'state', 'cancelled')
 redis.call('PUBLISH', KEYS[4], ARGV[1])
 return 1
 """
+# renew: each held entry whose token is still this run's is claimed again (its idle time reset); 0 where
+# another worker owns the work now (this one was paused past its lease and must stop it).
+_RENEW = """
+local held = {}
+for i = 2, #KEYS do
+  local token, entry = ARGV[2 * i - 1], ARGV[2 * i]
+  if redis.call('HGET', KEYS[i], 'token') == token then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
+    held[i - 1] = 1
+  else
+    held[i - 1] = 0
+  end
+end
+return held
+"""
 # tell / finish / fail, fenced by the run's token; a final event also acknowledges and removes the entry.
 _WRITE = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
@@ -498,9 +513,16 @@ class RedisQueue:
             time.sleep(self.lease_s / 3)
             try:
                 with self._lock:
-                    entries = [h.entry for h in self._held.values()]
-                if entries:
-                    client.xclaim(self.stream, GROUP, self.consumer, 0, entries, justid=True)
+                    held = list(self._held.values())
+                if held:
+                    keys = [self.stream, *(self.work_key(h.work.id) for h in held)]
+                    args: list[Any] = [GROUP, self.consumer]
+                    for h in held:
+                        args += [h.token, h.entry]
+                    kept = client.eval(_RENEW, len(keys), *keys, *args)
+                    for h, ok in zip(held, kept, strict=True):
+                        if not ok:
+                            self._lost(h.work)
                 _, lapsed, _ = client.xautoclaim(self.stream, GROUP, self.consumer,
                                                  int(self.lease_s * 1000), "0-0", count=16, justid=False)
                 for entry_b, fields in lapsed:
