@@ -142,6 +142,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     for flag, value in positive.items():
         if not value > 0:
             raise SettingsError(f"{flag}: must be > 0, got {value}")
+    if not args.drain_timeout >= 0:
+        raise SettingsError(f"--drain_timeout: must be >= 0 seconds, got {args.drain_timeout}")
     for flag in ("grpc_max_send_message_length", "grpc_max_receive_message_length"):
         value = getattr(args, flag)
         if not (value > 0 or value == -1):

@@ -14,6 +14,7 @@ modules that only need the light helpers stay light to collect.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
@@ -314,3 +315,34 @@ def prompt_png() -> bytes:
 
 
 PROMPT_BORDERS = {"up": 3, "right": 4}
+
+
+# ---- many replicas on one Redis (tests/serving/test_replicas.py, test_redis_jobs.py) --------------------
+
+replica = contextlib.contextmanager(serve)
+REPLICA_LEASE_S = "2"
+
+
+def seeded_body(seed: int, images: int = 1) -> dict[str, Any]:
+    """A predict body of one instance: `images` images of the seed, no upscaling, top_k 64."""
+    return {"instances": [{"query": "Кот в шляпе", "params": {
+        "images_to_gen": images, "images_to_cherry_pick": images, "super_res": False, "seed": seed,
+        "top_k": 64}}]}
+
+
+def replica_flags(redis_srv: RedisServer, role: str, name: str) -> list[str]:
+    return ["--redis_url", redis_srv.url, "--role", role, "--replica_name", name, "--job_lease",
+            REPLICA_LEASE_S, "--enable_grpc", "false"]
+
+
+def in_process(model_dir: Path, seed: int, images: int = 1) -> list[bytes]:
+    """The PNG bytes the pipeline gives in this process for `seeded_body(seed, images)`."""
+    from app.engine.jobs import Job
+    from app.engine.params import GenerationParams
+    from app.engine.pipeline import Pipeline
+
+    pipeline = Pipeline.load(model_dir, device="cpu")
+    params = GenerationParams(seed=seed, images_to_gen=images, images_to_cherry_pick=images, super_res=False,
+                              top_k=64)
+    (result,) = pipeline.run([Job("Кот в шляпе", params)])
+    return [base64.b64decode(b) for b in result.images]  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ from app.serving.queue.local import LocalQueue
 from app.serving.queue.loop_worker import LoopWorker
 from app.serving.queue.memory_jobs import MemoryJobStore
 from app.serving.queue.redis_conn import resolve
+from app.serving.queue.redis_jobs import RedisJobs, RedisJobWriter
 from app.serving.queue.redis_queue import RedisQueue
 from app.serving.queue.worker import BatchWorker
 
@@ -44,10 +45,19 @@ class KandinskyModel(kserve.Model):
         self.pipeline: Any = None
         self.worker: BatchWorker | LoopWorker | None = None
         self.service = Service(name, timeout_s=s.request_timeout)
-        store = MemoryJobStore(ttl=s.job_ttl, max_finished=s.max_jobs, max_result_bytes=s.max_job_bytes,
-                               observer=PrometheusJobObserver())
-        metrics.JOB_RESULT_BYTES.set_function(store.result_bytes)
-        self.jobs = Jobs(self.service, store, ttl=s.job_ttl, encode=jobs_protocol.encode_event)
+        self.replica = s.replica_name or socket.gethostname()
+        self.jobs: Jobs | RedisJobs
+        if s.redis_url:  # jobs live in Redis with the queue (attach() gives the workers their writer)
+            self.jobs = RedisJobs(self.service, ttl=s.job_ttl, max_finished=s.max_jobs,
+                                  max_result_bytes=s.max_job_bytes, encode_data=jobs_protocol.encode_data,
+                                  observer=PrometheusJobObserver())
+        else:
+            store = MemoryJobStore(ttl=s.job_ttl, max_finished=s.max_jobs, max_result_bytes=s.max_job_bytes,
+                                   observer=PrometheusJobObserver())
+            self.jobs = Jobs(self.service, store, ttl=s.job_ttl, encode=jobs_protocol.encode_event,
+                             worker=self.replica)
+        metrics.JOB_RESULT_BYTES.set_function(self.jobs.result_bytes if isinstance(self.jobs, RedisJobs)
+                                              else store.result_bytes)
         self.context = ProtocolContext(name, self.service, self.jobs, s, self.card)
 
     def load(self) -> bool:
@@ -81,7 +91,10 @@ class KandinskyModel(kserve.Model):
             target = resolve(s.redis_url, s.redis_password_file or None)
             queue = RedisQueue(target, self.name, queue_size=s.queue_size, lease_s=s.job_lease,
                                max_deliveries=s.max_deliveries, keep_s=s.job_ttl,
-                               consumer=s.replica_name or socket.gethostname(), observer=observer)
+                               consumer=self.replica, observer=observer)
+            queue.job_writer = RedisJobWriter(queue, jobs_protocol.encode_data, ttl=s.job_ttl,
+                                              max_finished=s.max_jobs, max_result_bytes=s.max_job_bytes,
+                                              worker=self.replica, observer=PrometheusJobObserver())
             log.info("queue on Redis %s (password from %s), role %s", target.redacted, target.password_from,
                      s.role)
         else:
@@ -133,7 +146,8 @@ class KandinskyModel(kserve.Model):
         if self.worker is not None:
             # A running batch legitimately takes up to the request deadline; a thread left inside torch
             # at interpreter exit can abort the process instead of exiting 0.
-            self.worker.stop(timeout=self.settings.request_timeout)
+            s = self.settings
+            self.worker.stop(timeout=s.drain_timeout or s.request_timeout)
         super().stop()
 
     async def predict(

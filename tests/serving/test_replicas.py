@@ -11,7 +11,6 @@ an `api` replica (no weights) and `worker` replicas (`python -m app --redis_url 
 from __future__ import annotations
 
 import base64
-import contextlib
 import signal
 import threading
 import time
@@ -22,20 +21,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import RedisServer, metric, serve
+from tests.support import RedisServer, in_process, metric, replica, replica_flags, seeded_body
+
+body, flags = seeded_body, replica_flags
 
 NAME = "kandinsky"
 PREDICT = f"/v1/models/{NAME}:predict"
 LEASE_S = "2"
-
-
-def body(seed: int, images: int = 1) -> dict[str, Any]:
-    return {"instances": [{"query": "Кот в шляпе", "params": {
-        "images_to_gen": images, "images_to_cherry_pick": images, "super_res": False, "seed": seed,
-        "top_k": 64}}]}
-
-
-replica = contextlib.contextmanager(serve)
 
 
 @pytest.fixture(scope="module")
@@ -45,27 +37,10 @@ def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]
     srv.stop()
 
 
-def flags(redis_srv: RedisServer, role: str, name: str) -> list[str]:
-    return ["--redis_url", redis_srv.url, "--role", role, "--replica_name", name, "--job_lease", LEASE_S,
-            "--enable_grpc", "false"]
-
-
 @pytest.fixture(scope="module")
 def api(tiny_model_dir: Path, redis_srv: RedisServer) -> Iterator[dict[str, Any]]:
     with replica(tiny_model_dir, *flags(redis_srv, "api", "api-0")) as srv:
         yield srv
-
-
-def in_process(tiny_model_dir: Path, seed: int, images: int = 1) -> list[bytes]:
-    from app.engine.jobs import Job
-    from app.engine.params import GenerationParams
-    from app.engine.pipeline import Pipeline
-
-    pipeline = Pipeline.load(tiny_model_dir, device="cpu")
-    params = GenerationParams(seed=seed, images_to_gen=images, images_to_cherry_pick=images, super_res=False,
-                              top_k=64)
-    (result,) = pipeline.run([Job("Кот в шляпе", params)])
-    return [base64.b64decode(b) for b in result.images]  # type: ignore[union-attr]
 
 
 def images_of(response: httpx.Response) -> list[bytes]:

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Protocol
 
 from app.serving.core.errors import Conflict, NotFound, ServiceError
 from app.serving.core.service import Service
@@ -41,11 +41,32 @@ from app.serving.queue.base import JobStore, Work
 log = logging.getLogger(__name__)
 
 
-class Jobs:
-    """Submit, get, list, cancel and follow jobs of one served model."""
+class JobService(Protocol):
+    """What the jobs protocol calls: `Jobs` (in this process) or `queue.redis_jobs.RedisJobs` (Redis)."""
 
-    def __init__(self, service: Service, store: JobStore, *, ttl: float, encode: EventEncoder) -> None:
+    async def submit(self, payload: Any, idempotency_key: str | None, tenant: str | None = None
+                     ) -> tuple[JobRecord, bool]: ...
+
+    async def get(self, job_id: str) -> JobRecord: ...
+
+    async def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
+                     ) -> list[JobRecord]: ...
+
+    async def snapshot(self, record: JobRecord) -> JobRecord: ...
+
+    async def cancel(self, record: JobRecord) -> None: ...
+
+    def events(self, record: JobRecord, *, owner: bool = False, idle: float | None = None,
+               after: str | None = None) -> AsyncGenerator[JobEvent | None, None]: ...
+
+
+class Jobs:
+    """Submit, get, list, cancel and follow jobs of one served model, in this process."""
+
+    def __init__(self, service: Service, store: JobStore, *, ttl: float, encode: EventEncoder,
+                 worker: str | None = None) -> None:
         self.service = service
+        self.worker = worker  # this replica's name, for the job view
         self.store = store
         self.ttl = ttl  # seconds a finished job is kept, for messages
         self.encode = encode  # an event -> its bytes on the wire (the protocol layer's)
@@ -59,18 +80,18 @@ class Jobs:
         The same Idempotency-Key with the same body returns the existing job; with another body, 409.
         """
         self.store.expire()
-        fingerprint = _fingerprint(payload)
+        fprint = fingerprint(payload)
         if idempotency_key is not None:
             known = self.store.by_key(idempotency_key, tenant)
             if known is not None:
-                if known.fingerprint != fingerprint:
+                if known.fingerprint != fprint:
                     raise Conflict(f"Idempotency-Key {idempotency_key!r} was used with another body")
                 return known, False
         instances = self.service.parse(payload)
         request = self.service.request(instances, "jobs", tenant)
         record = JobRecord(
             id=uuid.uuid4().hex,
-            fingerprint=fingerprint,
+            fingerprint=fprint,
             idempotency_key=idempotency_key,
             created=round(time.time(), 3),
             images=[int(job.params.images_to_gen) for job in request.instances],
@@ -95,7 +116,6 @@ class Jobs:
             log.exception("job %s failed outside the pipeline", record.id)
             self._finish(record, JobStatus.FAILED, error=f"internal error ({type(exc).__name__})")
         else:
-            record.step = record.steps or record.step
             self._finish(record, JobStatus.SUCCEEDED, result=result)
         finally:
             self._tasks.pop(record.id, None)
@@ -105,25 +125,12 @@ class Jobs:
     def _heard(self, record: JobRecord, event: Event) -> None:
         if record.done:
             return
-        if isinstance(event, Started):
-            record.status, record.started = JobStatus.RUNNING, round(time.time(), 3)
+        events = on_started(record, self.worker) if isinstance(event, Started) else (
+            on_progress(record, event) if isinstance(event, Progressed) else [])
+        if events:
             self.store.save(record)
-            self._publish(record, JobEventName.STATUS, self._view(record))
-        elif isinstance(event, Progressed):
-            self._progress(record, event)
-
-    def _progress(self, record: JobRecord, event: Progressed) -> None:
-        bar = progress_step(event.instances, record.images)
-        if bar is None:
-            return
-        step, record.steps = bar
-        if step > record.step:
-            record.step = step
-            self.store.save(record)
-            self._publish(record, JobEventName.PROGRESS, StepProgress(step, record.steps))
-        for instance, p in enumerate(event.instances):
-            if p is not None and p.preview is not None:
-                self._publish(record, JobEventName.PREVIEW, Preview(p.step, instance, p.preview))
+        for job_event in events:
+            self._publish(record, job_event)
 
     # ---- queries and cancel -----------------------------------------------------------------------
 
@@ -172,11 +179,9 @@ class Jobs:
                 error: str | None = None) -> None:
         if record.done:
             return
-        record.status, record.error = status, error
-        record.finished, record.finished_at = round(time.time(), 3), time.monotonic()
         self._work.pop(record.id, None)
-        data: Any = result if status == JobStatus.SUCCEEDED else error if status == JobStatus.FAILED else None
-        final = JobEvent(JobEventName(status.value), data if data is not None else self._view(record))
+        final = on_final(record, status, result=result, error=error)
+        record.finished_at = time.monotonic()
         wire = final.seal(self.encode)  # the result is held once, as the bytes every stream sends
         record.final = final
         if status == JobStatus.SUCCEEDED:
@@ -186,19 +191,19 @@ class Jobs:
 
     # ---- events -----------------------------------------------------------------------------------
 
-    def _publish(self, record: JobRecord, name: JobEventName, data: Any) -> None:
-        event = JobEvent(name, data)
+    def _publish(self, record: JobRecord, event: JobEvent) -> None:
         if self.store.watched(record.id):
             event.encoded(self.encode)  # once, here: every subscriber sends these bytes
         self.store.publish(record, event)
 
-    async def events(self, record: JobRecord, *, owner: bool = False, idle: float | None = None
-                     ) -> AsyncGenerator[JobEvent | None, None]:
+    async def events(self, record: JobRecord, *, owner: bool = False, idle: float | None = None,
+                     after: str | None = None) -> AsyncGenerator[JobEvent | None, None]:
         """The job's events: its status now, then its events to the final one; with `idle`, a None at
         least every `idle` seconds in between, whether events come or not (the stream's cue for a
         keep-alive comment).
 
         `owner`: this stream submitted the job; if its reader goes away first, the job is cancelled.
+        `after` (a `Last-Event-ID`): events in this process carry no ids, so it changes nothing here.
         """
         subscription = self.store.subscribe(record)
         clock = asyncio.get_running_loop().time
@@ -233,7 +238,45 @@ class Jobs:
         return record.final
 
 
-def _fingerprint(payload: Any) -> str:
+# ---- a job's transitions: the record's changes and the events they send, wherever its work runs ------
+
+
+def on_started(record: JobRecord, worker: str | None) -> list[JobEvent]:
+    """Its work started (again, after a takeover): running, on `worker`; a `status` event."""
+    record.status, record.started, record.worker = JobStatus.RUNNING, round(time.time(), 3), worker
+    return [JobEvent(JobEventName.STATUS, dataclasses.replace(record, queue_position=None))]
+
+
+def on_progress(record: JobRecord, event: Progressed) -> list[JobEvent]:
+    """A progress tick: a `progress` event when the bar moved (never back, after a takeover too), and
+    the previews it carries."""
+    bar = progress_step(event.instances, record.images)
+    if bar is None:
+        return []
+    step, record.steps = bar
+    events = []
+    if step > record.step:
+        record.step = step
+        events.append(JobEvent(JobEventName.PROGRESS, StepProgress(step, record.steps)))
+    for instance, p in enumerate(event.instances):
+        if p is not None and p.preview is not None:
+            events.append(JobEvent(JobEventName.PREVIEW, Preview(p.step, instance, p.preview)))
+    return events
+
+
+def on_final(record: JobRecord, status: JobStatus, *, result: RequestResult | None = None,
+             error: str | None = None) -> JobEvent:
+    """It ended: the record's final status and its final event (the result, the error, or the record)."""
+    record.status, record.error = status, error
+    record.finished = round(time.time(), 3)
+    if status == JobStatus.SUCCEEDED:
+        record.step = record.steps or record.step
+    data: Any = result if status == JobStatus.SUCCEEDED else error if status == JobStatus.FAILED else None
+    return JobEvent(JobEventName(status.value),
+                    data if data is not None else dataclasses.replace(record, queue_position=None))
+
+
+def fingerprint(payload: Any) -> str:
     try:
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):

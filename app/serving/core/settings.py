@@ -86,6 +86,11 @@ class ServerSettings:
         30.0, "Seconds a worker's hold on running work lasts unrenewed (with --redis_url); past it, "
         "another worker reruns the work from the start with its seed."
     )
+    drain_timeout: float = _flag(
+        0.0, "Seconds a stopping server (SIGTERM) lets running work finish; 0: the request deadline. "
+        "With --redis_url, work still running then is handed back to the other workers at once; keep "
+        "it below the pod's termination grace period."
+    )
     max_deliveries: int = _flag(
         3, "Times work is started at most (with --redis_url) when its workers keep being lost; then it "
         "fails saying so."

@@ -146,6 +146,10 @@ class JobEvent:
     # succeeded: RequestResult (a JobRecord once the result expired); failed: the error text.
     # None once sealed: the wire bytes hold it.
     wire: bytes | None = field(default=None, repr=False)
+    #: The data already as its one line of JSON (an event read back from a shared store), else None.
+    raw: bytes | None = field(default=None, repr=False)
+    #: The event's id in a shared store (the stream's `id:`, what `Last-Event-ID` resumes from).
+    event_id: str | None = None
 
     def encoded(self, encode: EventEncoder) -> bytes:
         """The event's bytes on the wire, encoded at the first call and shared from then on."""
@@ -194,6 +198,8 @@ class JobRecord:
     result_expired: bool = False
     #: Order of submission in its store (assigned by `JobStore.add`), for pages of listings.
     seq: int = 0
+    #: The replica whose worker runs or ran it (`--replica_name`); None while queued.
+    worker: str | None = None
     #: Requests ahead of it in the queue: set on snapshots (`Jobs.snapshot`), None on the stored record.
     queue_position: int | None = None
 

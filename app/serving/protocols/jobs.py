@@ -96,6 +96,9 @@ class JobView(BaseModel):
         description="The job succeeded but its result is no longer kept: the server keeps results up to "
                     "`--max_job_bytes` in all and drops the oldest first; the record stays.",
     )
+    worker: str | None = Field(
+        None, description="The replica (`--replica_name`) whose worker runs or ran it; null while queued."
+    )
 
 
 class JobCreated(BaseModel):
@@ -163,6 +166,7 @@ def view(record: JobRecord) -> dict[str, Any]:
         "result": None,
         "error": record.error,
         "result_expired": record.result_expired,
+        "worker": record.worker,
     }
 
 
@@ -182,14 +186,23 @@ def event_data(event: JobEvent) -> Any:
     return data
 
 
+def encode_data(event: JobEvent) -> bytes:
+    """An event's data as the stream sends it: one line of ASCII JSON (what a shared store keeps)."""
+    if event.raw is not None:
+        return event.raw
+    return json.dumps(event_data(event), separators=(",", ":")).encode("ascii")  # no line breaks
+
+
 def encode_event(event: JobEvent) -> bytes:
-    """An event as the stream sends it: `event: NAME`, `data: <one line of JSON>`, a blank line.
-    `Jobs` calls it once per event (its `EventEncoder`)."""
-    data = json.dumps(event_data(event), separators=(",", ":"))  # ASCII, no line breaks
-    return b"".join((_event_head(event.name), data.encode("ascii"), _EVENT_END))
+    """An event as the stream sends it: `event: NAME`, `id: ID` when it has one (a shared store's, for
+    `Last-Event-ID`), `data: <one line of JSON>`, a blank line. `Jobs` calls it once per event (its
+    `EventEncoder`)."""
+    return b"".join((_event_head(event.name, event.event_id), encode_data(event), _EVENT_END))
 
 
-def _event_head(name: JobEventName) -> bytes:
+def _event_head(name: JobEventName, event_id: str | None = None) -> bytes:
+    if event_id is not None:
+        return f"event: {name.value}\r\nid: {event_id}\r\ndata: ".encode()
     return f"event: {name.value}\r\ndata: ".encode()
 
 
@@ -320,11 +333,16 @@ def job_response(record: JobRecord, send_timeout: float) -> Response:
     """`GET .../jobs/{id}`: the view, with the result spliced in from the final event's bytes."""
     body = view(record)
     final = record.final
-    if not record.holds_result or final is None or final.wire is None:
+    if not record.holds_result or final is None or (final.wire is None and final.raw is None):
         return JSONResponse(body)
     del body["result"]
     head = json.dumps(body, separators=(",", ":"))[:-1] + ',"result":'
-    result = memoryview(final.wire)[len(_event_head(final.name)):len(final.wire) - len(_EVENT_END)]
+    if final.raw is not None:
+        result = memoryview(final.raw)
+    else:
+        assert final.wire is not None
+        start = len(_event_head(final.name, final.event_id))
+        result = memoryview(final.wire)[start:len(final.wire) - len(_EVENT_END)]
     return PiecesResponse([head.encode(), result, b"}"], send_timeout)
 
 
@@ -389,8 +407,9 @@ def routes(ctx: ProtocolContext) -> list[Route]:
     jobs = ctx.jobs
     keepalive, send_timeout = ctx.settings.keepalive, ctx.settings.send_timeout
 
-    def stream(record: JobRecord, *, owner: bool) -> JobEventStream:
-        return JobEventStream(stream_chunks(jobs.events(record, owner=owner, idle=keepalive)), send_timeout)
+    def stream(record: JobRecord, *, owner: bool, after: str | None = None) -> JobEventStream:
+        events = jobs.events(record, owner=owner, idle=keepalive, after=after)
+        return JobEventStream(stream_chunks(events), send_timeout)
 
     async def submit(model_name: str, request: Request) -> Response:
         ctx.check_model(model_name)
@@ -428,9 +447,9 @@ def routes(ctx: ProtocolContext) -> list[Route]:
         await jobs.cancel(record)
         return view(await jobs.snapshot(record))
 
-    async def job_events(model_name: str, job_id: str) -> JobEventStream:
+    async def job_events(model_name: str, job_id: str, request: Request) -> JobEventStream:
         ctx.check_model(model_name)
-        return stream(await jobs.get(job_id), owner=False)
+        return stream(await jobs.get(job_id), owner=False, after=request.headers.get("last-event-id"))
 
     stream_doc = (
         "Queues a predict body as a job and answers at once: 202 with `Location`. With "

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.routing import compile_path
 
 from app.serving.core.errors import NotFound
-from app.serving.core.jobs import Jobs
+from app.serving.core.jobs import JobService
 from app.serving.core.service import Service
 from app.serving.core.settings import ServerSettings
 
@@ -146,7 +146,7 @@ class ProtocolContext:
 
     name: str
     service: Service
-    jobs: Jobs
+    jobs: JobService
     settings: ServerSettings
     card: Callable[[], dict[str, Any]]
 

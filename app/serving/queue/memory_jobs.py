@@ -22,6 +22,7 @@ import collections
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.serving.core.types import JobEvent, JobEventName, JobRecord, JobStatus
@@ -35,7 +36,7 @@ SUBSCRIBER_PENDING_BYTES = 4 << 20
 
 
 @dataclass(eq=False)
-class _Subscriber:
+class Subscriber:
     pending: collections.deque[JobEvent] = field(default_factory=collections.deque)
     preview_bytes: int = 0  # of the previews pending
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,11 +66,12 @@ class _Subscriber:
         return event
 
 
-class _Subscription:
-    """A subscriber's events up to the final one; closing it (or reading the final event) unsubscribes."""
+class Subscription:
+    """A subscriber's events up to the final one; closing it (or reading the final event) unsubscribes
+    (`leave` is called once)."""
 
-    def __init__(self, registry: dict[str, set[_Subscriber]], job_id: str, sub: _Subscriber) -> None:
-        self.registry, self.job_id, self.sub = registry, job_id, sub
+    def __init__(self, sub: Subscriber, leave: Callable[[], None]) -> None:
+        self.sub, self.leave = sub, leave
 
     async def next(self, timeout: float | None = None) -> JobEvent | None:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
@@ -87,11 +89,8 @@ class _Subscription:
                 return None
 
     async def aclose(self) -> None:
-        subs = self.registry.get(self.job_id)
-        if subs is not None:
-            subs.discard(self.sub)
-            if not subs:
-                del self.registry[self.job_id]
+        leave, self.leave = self.leave, lambda: None
+        leave()
         self.sub.pending.clear()
 
 
@@ -109,7 +108,7 @@ class MemoryJobStore:
         #: Succeeded jobs whose result is kept, oldest finished first, and their bytes in all.
         self._results: collections.OrderedDict[str, JobRecord] = collections.OrderedDict()
         self._result_bytes = 0
-        self._subscribers: dict[str, set[_Subscriber]] = {}
+        self._subscribers: dict[str, set[Subscriber]] = {}
         self._seq = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -153,11 +152,19 @@ class MemoryJobStore:
         for sub in list(self._subscribers.get(record.id, ())):
             sub.put(event)
 
-    def subscribe(self, record: JobRecord) -> _Subscription:
+    def subscribe(self, record: JobRecord) -> Subscription:
         # Subscribed now, not at the first read: nothing published in between is missed.
-        sub = _Subscriber()
+        sub = Subscriber()
         self._subscribers.setdefault(record.id, set()).add(sub)
-        return _Subscription(self._subscribers, record.id, sub)
+
+        def leave() -> None:
+            subs = self._subscribers.get(record.id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subscribers[record.id]
+
+        return Subscription(sub, leave)
 
     def watched(self, job_id: str) -> bool:
         return bool(self._subscribers.get(job_id))  # one dict read: safe from the worker's threads

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -44,11 +44,13 @@ from app.serving.core.types import (
     Event,
     ImageRequest,
     InstanceResult,
+    JobRecord,
     Listener,
     Progressed,
     RequestResult,
     Started,
 )
+from app.serving.queue import redis_scripts as scripts
 from app.serving.queue.base import Work, await_answer
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
 from app.serving.queue.redis_conn import RedisTarget
@@ -60,70 +62,6 @@ EVENTS_MAXLEN = 512  # progress entries kept per request (the final event is alw
 READ_BLOCK_MS = 250  # how long one XREAD of the waiters' streams blocks before it re-reads its set
 POLL_S = 0.05  # a busy worker with free slots looks at the queue at most this often (no read per step)
 PING_S = 1.0  # readiness asks Redis at most this often
-
-# put: refuse when the service-wide bound is reached, else record the request and add it to the stream.
-_PUT = """
-local waiting = tonumber(redis.call('GET', KEYS[1]) or '0')
-if waiting >= tonumber(ARGV[1]) then return false end
-redis.call('INCR', KEYS[1])
-local entry = redis.call('XADD', KEYS[2], '*', 'id', ARGV[2])
-redis.call('HSET', KEYS[3], 'state', 'queued', 'entry', entry, 'request', ARGV[3], 'images', ARGV[4],
-           'enqueued', ARGV[5], 'deadline', ARGV[6], 'token', '0', 'deliveries', '0')
-redis.call('EXPIRE', KEYS[3], ARGV[7])
-return entry
-"""
-# claim: a delivered entry becomes running under a new token; a cancelled or finished one is dropped.
-_CLAIM = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'queued' then redis.call('DECR', KEYS[3]) end
-if state ~= 'queued' and state ~= 'running' then
-  redis.call('XACK', KEYS[2], ARGV[3], ARGV[1]); redis.call('XDEL', KEYS[2], ARGV[1])
-  return false
-end
-local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-return token
-"""
-# cancel: a queued entry leaves the stream and the bound at once.
-_CANCEL = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'done' or state == 'cancelled' then return 0 end
-if state == 'queued' then
-  redis.call('XDEL', KEYS[2], redis.call('HGET', KEYS[1], 'entry')); redis.call('DECR', KEYS[3])
-end
-redis.call('HSET', KEYS[1], 'state', 'cancelled')
-redis.call('PUBLISH', KEYS[4], ARGV[1])
-return 1
-"""
-# renew: each held entry whose token is still this run's is claimed again (its idle time reset); 0 where
-# another worker owns the work now (this one was paused past its lease and must stop it).
-_RENEW = """
-local held = {}
-for i = 2, #KEYS do
-  local token, entry = ARGV[2 * i - 1], ARGV[2 * i]
-  if redis.call('HGET', KEYS[i], 'token') == token then
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, entry, 'JUSTID')
-    held[i - 1] = 1
-  else
-    held[i - 1] = 0
-  end
-end
-return held
-"""
-# tell / finish / fail, fenced by the run's token; a final event also acknowledges and removes the entry.
-_WRITE = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'kind', ARGV[2], 'data', ARGV[3])
-if ARGV[4] == '1' then
-  local entry = redis.call('HGET', KEYS[1], 'entry')
-  if redis.call('HGET', KEYS[1], 'state') == 'running' then redis.call('HSET', KEYS[1], 'state', 'done') end
-  redis.call('XACK', KEYS[3], ARGV[6], entry); redis.call('XDEL', KEYS[3], entry)
-  redis.call('EXPIRE', KEYS[1], ARGV[7]); redis.call('EXPIRE', KEYS[2], ARGV[7])
-end
-return 1
-"""
-
 
 class Unavailable(QueueFull):
     """Redis cannot be reached: 503 with Retry-After, like a full queue."""
@@ -137,12 +75,28 @@ class _Waiter:
 
 
 @dataclass(eq=False)
-class _Held:
-    """Work this worker runs: its stream entry and the token that fences its writes."""
+class Held:
+    """Work this worker runs: its stream entry and the token that fences its writes; a job's record."""
 
     work: Work
     entry: str
     token: int
+    job: JobRecord | None = None
+
+
+class JobWriter(Protocol):
+    """The worker's side of jobs kept in Redis (`redis_jobs.RedisJobWriter`): a job's record read at
+    claim, and its transitions written with the run's token. Writes answer 1, 0 (the lease was taken
+    over: stop) or -1 (the job had ended, cancelled: stop)."""
+
+    def load(self, client: Any, job_id: str) -> JobRecord | None: ...
+
+    def tell(self, client: Any, held: Held, event: Event) -> int: ...
+
+    def end(self, client: Any, held: Held, result: RequestResult | None, error: ServiceError | None
+            ) -> int: ...
+
+    def watched(self, client: Any, job_id: str) -> bool: ...
 
 
 # ---- the request and its result as JSON -------------------------------------------------------------
@@ -220,7 +174,8 @@ class RedisQueue:
         self._next_poll = 0.0
         # worker side
         self._sync: Any = None
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Held] = {}
+        self.job_writer: JobWriter | None = None  # jobs kept in Redis (set when they are)
         self._reclaimed: list[tuple[str, str]] = []  # (entry, id) taken over from a lapsed lease
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -233,31 +188,42 @@ class RedisQueue:
 
     # ---- the service's side -----------------------------------------------------------------------
 
-    def _client(self) -> Any:
+    def aio_client(self) -> Any:
         if self._aio is None:
             self._aio = self.target.async_client()
         return self._aio
 
     async def put(self, work: Work, listener: Listener | None = None) -> None:
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
-        now_unix, now = time.time(), time.monotonic()
-        keys = [self.waiting_key, self.stream, self.work_key(work.id)]
-        args = [self.queue_size, work.id, request_to_json(work.request), work.images, now_unix,
-                now_unix + (work.deadline - now), int(self.keep_s + work.deadline - now)]
-        t0 = time.perf_counter()
-        try:
-            entry = await self._client().eval(_PUT, len(keys), *keys, *args)
-        except redis.RedisError as exc:
-            self.observer.redis_call(time.perf_counter() - t0, ok=False)
-            raise _unavailable(exc) from None
-        self.observer.redis_call(time.perf_counter() - t0, ok=True)
-        if entry is None:
-            raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+        await self._put(work, scripts.PUT, [], [])
         loop = asyncio.get_running_loop()
         self._waiters[work.id] = _Waiter(loop.create_future(), listener)
         if self._pump is None or self._pump.done():
             self._pump = asyncio.ensure_future(self._read_events())
+
+    async def put_job(self, work: Work, keys: list[str], args: list[Any]) -> str | None:
+        """Queue a job's work together with its record (`redis_jobs` gives their keys and values after
+        the queue's: see `redis_scripts.PUT_JOB`); the job an Idempotency-Key already names, if one
+        does (nothing is queued then). Nobody waits here: the job's events live in its own stream."""
+        reply = await self._put(work, scripts.PUT_JOB, keys, args)
+        return reply[len(b"known:"):].decode() if reply.startswith(b"known:") else None
+
+    async def _put(self, work: Work, script: str, more_keys: list[str], more_args: list[Any]) -> bytes:
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        now_unix, now = time.time(), time.monotonic()
+        keys = [self.waiting_key, self.stream, self.work_key(work.id), *more_keys]
+        args = [self.queue_size, work.id, request_to_json(work.request), work.images, now_unix,
+                now_unix + (work.deadline - now), int(self.keep_s + work.deadline - now), *more_args]
+        t0 = time.perf_counter()
+        try:
+            reply = await self.aio_client().eval(script, len(keys), *keys, *args)
+        except redis.RedisError as exc:
+            self.observer.redis_call(time.perf_counter() - t0, ok=False)
+            raise unavailable(exc) from None
+        self.observer.redis_call(time.perf_counter() - t0, ok=True)
+        if reply is None:
+            raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+        return bytes(reply)
 
     async def outcome(self, work: Work) -> RequestResult:
         return await await_answer(self._waiters, work)
@@ -271,16 +237,19 @@ class RedisQueue:
         asyncio.ensure_future(self._cancel(work.id))
 
     async def _cancel(self, work_id: str) -> None:
-        keys = [self.work_key(work_id), self.stream, self.waiting_key, self.cancel_channel]
+        keys = [self.work_key(work_id), self.stream, self.waiting_key]
         try:
-            await self._client().eval(_CANCEL, len(keys), *keys, work_id)
+            await self.aio_client().eval(scripts.CANCEL, len(keys), *keys, work_id, self.cancel_channel)
         except redis.RedisError:
             log.warning("could not send a cancel to Redis; the work runs on until its deadline")
 
     async def position(self, work: Work) -> int | None:
+        return await self.position_of(work.id)
+
+    async def position_of(self, work_id: str) -> int | None:
         try:
-            client = self._client()
-            state, entry = await client.hmget(self.work_key(work.id), ["state", "entry"])
+            client = self.aio_client()
+            state, entry = await client.hmget(self.work_key(work_id), ["state", "entry"])
             if state != b"queued" or entry is None:
                 return None
             groups = await client.xinfo_groups(self.stream)
@@ -288,7 +257,7 @@ class RedisQueue:
             ahead = await client.xrange(self.stream, b"(" + last, b"(" + entry, count=self.queue_size)
             return len(ahead)
         except redis.RedisError as exc:
-            raise _unavailable(exc) from None
+            raise unavailable(exc) from None
 
     @property
     def depth(self) -> int:
@@ -301,7 +270,7 @@ class RedisQueue:
             return answer
         t0 = time.perf_counter()
         try:
-            answer = bool(await self._client().ping())
+            answer = bool(await self.aio_client().ping())
             self.observer.redis_call(time.perf_counter() - t0, ok=True)
             await self.refresh_depth()
         except redis.RedisError:
@@ -311,7 +280,7 @@ class RedisQueue:
         return answer
 
     async def refresh_depth(self) -> int:
-        value = await self._client().get(self.waiting_key)
+        value = await self.aio_client().get(self.waiting_key)
         self._depth = int(value or 0)
         self.observer.queue_depth(self._depth)
         return self._depth
@@ -439,24 +408,31 @@ class RedisQueue:
 
     def _claim(self, client: Any, entry: str, wid: str) -> Work | None:
         keys = [self.work_key(wid), self.stream, self.waiting_key]
-        token = client.eval(_CLAIM, len(keys), *keys, entry, self.consumer, GROUP)
+        token = client.eval(scripts.CLAIM, len(keys), *keys, entry, self.consumer, GROUP)
         if token is None:
             return None
         raw = client.hgetall(self.work_key(wid))
         deliveries = int(raw.get(b"deliveries", b"1"))
         self.observer.delivery(takeover=deliveries > 1, exhausted=deliveries > self.max_deliveries)
-        if deliveries > self.max_deliveries:
-            held = _Held(Work(request_from_json(raw[b"request"].decode()), 0.0, 0.0, wid), entry, int(token))
-            self._write(client, held, "error", error_to_json(errors.GenerationFailed(
-                f"the request was started {deliveries - 1} times and its worker was lost each time "
-                f"(--max_deliveries {self.max_deliveries}); not retried again")), final=True)
-            return None
         now_unix, now = time.time(), time.monotonic()
         request = request_from_json(raw[b"request"].decode())
         work = Work(request, enqueued=now - (now_unix - float(raw[b"enqueued"])),
                     deadline=now + (float(raw[b"deadline"]) - now_unix), id=wid)
+        held = Held(work, entry, int(token))
+        writer = self.job_writer
+        if raw.get(b"job") and writer is not None:
+            held.job = writer.load(client, wid)
+            if held.job is None or held.job.done:  # expired, or ended (cancelled) meanwhile
+                client.eval(scripts.RELEASE, 2, self.work_key(wid), self.stream, held.token, GROUP)
+                return None
+            work.wants_previews = lambda: writer.watched(self._worker_client(), wid)
         with self._lock:
-            self._held[wid] = _Held(work, entry, int(token))
+            self._held[wid] = held
+        if deliveries > self.max_deliveries:
+            self.fail(work, errors.GenerationFailed(
+                f"the request was started {deliveries - 1} times and its worker was lost each time "
+                f"(--max_deliveries {self.max_deliveries}); not retried again"))
+            return None
         if work.deadline <= now:  # dropped before it costs GPU time, as in-process
             self.fail(work, errors.DeadlineExceeded("the request expired in the queue"))
             return None
@@ -465,10 +441,10 @@ class RedisQueue:
                         "%d)", wid, deliveries, self.max_deliveries)
         return work
 
-    def _write(self, client: Any, held: _Held, kind: str, data: str, *, final: bool) -> bool:
+    def _write(self, client: Any, held: Held, kind: str, data: str, *, final: bool) -> bool:
         keys = [self.work_key(held.work.id), self.events_key(held.work.id), self.stream]
         args = [held.token, kind, data, "1" if final else "0", EVENTS_MAXLEN, GROUP, int(self.keep_s)]
-        return bool(client.eval(_WRITE, len(keys), *keys, *args))
+        return bool(client.eval(scripts.WRITE, len(keys), *keys, *args))
 
     def tell(self, work: Work, event: Event) -> None:
         held = self._held.get(work.id)
@@ -476,24 +452,35 @@ class RedisQueue:
             return
         kind, data = ("started", "") if isinstance(event, Started) else ("progress", _progress_to_json(event))
         try:
-            if not self._write(self._worker_client(), held, kind, data, final=False):
+            client = self._worker_client()
+            if self.job_writer is not None and held.job is not None:
+                if self.job_writer.tell(client, held, event) != 1:
+                    self._lost(work)
+            elif not self._write(client, held, kind, data, final=False):
                 self._lost(work)
         except redis.RedisError:
             log.warning("request %s: could not record its progress in Redis", work.id)
 
     def finish(self, work: Work, result: RequestResult) -> None:
-        self._final(work, "result", result_to_json(result))
+        self._final(work, result, None)
 
     def fail(self, work: Work, error: ServiceError) -> None:
-        self._final(work, "error", error_to_json(error))
+        self._final(work, None, error)
 
-    def _final(self, work: Work, kind: str, data: str) -> None:
+    def _final(self, work: Work, result: RequestResult | None, error: ServiceError | None) -> None:
         with self._lock:
             held = self._held.pop(work.id, None)
         if held is None:
             return
+        kind = "result" if error is None else "error"
         try:
-            if not self._write(self._worker_client(), held, kind, data, final=True):
+            client = self._worker_client()
+            if self.job_writer is not None and held.job is not None:
+                written = self.job_writer.end(client, held, result, error)
+            else:
+                data = result_to_json(result) if result is not None else error_to_json(error)  # type: ignore[arg-type]
+                written = int(self._write(client, held, kind, data, final=True))
+            if written == 0:
                 log.warning("request %s: its lease was taken over; this worker's late %s is dropped",
                             work.id, kind)
         except redis.RedisError:
@@ -512,14 +499,13 @@ class RedisQueue:
         while not self._closed:
             time.sleep(self.lease_s / 3)
             try:
-                with self._lock:
-                    held = list(self._held.values())
+                held = self._settle_held(client)
                 if held:
                     keys = [self.stream, *(self.work_key(h.work.id) for h in held)]
                     args: list[Any] = [GROUP, self.consumer]
                     for h in held:
                         args += [h.token, h.entry]
-                    kept = client.eval(_RENEW, len(keys), *keys, *args)
+                    kept = client.eval(scripts.RENEW, len(keys), *keys, *args)
                     for h, ok in zip(held, kept, strict=True):
                         if not ok:
                             self._lost(h.work)
@@ -537,6 +523,25 @@ class RedisQueue:
                         self._reclaimed.append((entry, wid))
             except redis.RedisError:
                 log.warning("renewing leases in Redis failed; retrying", exc_info=True)
+
+    def _settle_held(self, client: Any) -> list[Held]:
+        """Held work that was cancelled leaves the queue (the worker dropped it without an answer); work
+        past its deadline fails (a job has no waiter whose timeout would); the rest is returned."""
+        now = time.monotonic()
+        with self._lock:
+            held = list(self._held.values())
+        for h in held:
+            if h.work.deadline <= now and not h.work.cancelled:
+                h.work.cancelled = True  # the worker stops it at its next step
+                limit = h.work.deadline - h.work.enqueued
+                self.fail(h.work, errors.DeadlineExceeded(
+                    f"the request did not finish within the server deadline of {limit:g} s"))
+            elif h.work.cancelled:
+                with self._lock:
+                    self._held.pop(h.work.id, None)
+                client.eval(scripts.RELEASE, 2, self.work_key(h.work.id), self.stream, h.token, GROUP)
+        with self._lock:
+            return list(self._held.values())
 
     def _listen_cancels(self) -> None:
         while not self._closed:
@@ -558,8 +563,11 @@ class RedisQueue:
         """Draining: the entries still held go back at once (idle past the lease) for another worker."""
         with self._lock:
             held, self._held = list(self._held.values()), {}
+        for h in held:
+            h.work.cancelled = True  # this worker stops it; another reruns it with its seed
         if not held or self._sync is None:
             return
+        log.info("handing %d request(s) back to the other workers", len(held))
         try:
             idle = int(self.lease_s * 1000) + 1
             self._sync.xclaim(self.stream, GROUP, self.consumer, 0, [h.entry for h in held], idle=idle,
@@ -568,7 +576,7 @@ class RedisQueue:
             log.warning("could not hand work back to Redis; it is rerun once its lease lapses")
 
 
-def _unavailable(exc: Exception) -> Unavailable:
+def unavailable(exc: Exception) -> Unavailable:
     log.warning("Redis is unreachable (%s)", type(exc).__name__)
     return Unavailable("the queue's store is unreachable; retry later")
 
