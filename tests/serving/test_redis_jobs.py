@@ -295,3 +295,24 @@ def test_a_worker_renders_previews_only_while_some_replica_streams_the_job(api, 
     assert [f[b"event"] for _, f in entries].count(b"preview") == 0
     assert sum(e == "preview" for _, e, _ in streamed) >= 2
     assert streamed[-1][1] == "succeeded"
+
+
+def test_a_redis_outage_shorter_than_the_lease_costs_a_running_job_nothing(api, tiny_model_dir, redis_srv,
+                                                                         no_worker):
+    """The worker keeps decoding while Redis is gone (taking new work backs off; it is never a broken
+    loop), and records the result once Redis is back: the same run, no takeover, one final event."""
+    with replica(tiny_model_dir, *flags(redis_srv, "worker", "steady"), "--job_lease", "30") as steady:
+        job_id = submit(api["base"], body(53, images=8)).json()["id"]
+        wait_for(api["base"], job_id, lambda v: v["progress"]["step"] > 0)
+        redis_srv.stop()
+        try:
+            wait_line(steady, "taking work from Redis failed", timeout=10)
+            time.sleep(1.0)
+        finally:
+            redis_srv.start()
+        view = wait_for(api["base"], job_id, lambda v: v["status"] == "succeeded", timeout=180)
+        assert view["worker"] == "steady" and len(images(view["result"])) == 8
+        assert finals(redis_srv, job_id) == ["succeeded"]
+        assert not any("taken over" in line or "decode loop failed" in line for line in steady["lines"])
+        client = redis.Redis.from_url(redis_srv.url)
+        assert client.hget(f"kandinsky:{NAME}:work:{job_id}", "deliveries") == b"1"

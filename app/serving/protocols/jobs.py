@@ -518,7 +518,9 @@ _STREAM_TEXT = (
     "expired, the job's view with `result_expired: true`), `failed` (`{error}`) or `cancelled`. "
     "A `: keep-alive` comment at least every 15 s (`--keepalive`). A slow reader may miss older progress "
     "and previews (it gets the newest), never the final event; a client that reads nothing for "
-    "`--send_timeout` seconds is disconnected."
+    "`--send_timeout` seconds is disconnected. With `--redis_url` (jobs shared by the replicas) every "
+    "event but the first `status` carries an `id:`; reconnecting to `/events` on any replica with "
+    "`Last-Event-ID` resumes with the events after it."
 )
 
 #: The listing's query parameters (documented in the API document).

@@ -26,8 +26,6 @@ worker's thread, plus two threads (lease keeper, cancel subscriber). Redis error
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import threading
 import time
@@ -36,17 +34,12 @@ from typing import Any, Protocol
 
 import redis
 
-from app.engine.jobs import Job, Progress
-from app.engine.params import GenerationParams, ImagePrompt
 from app.serving.core import errors
 from app.serving.core.errors import QueueFull, ServiceError, ShuttingDown
 from app.serving.core.types import (
     Event,
-    ImageRequest,
-    InstanceResult,
     JobRecord,
     Listener,
-    Progressed,
     RequestResult,
     Started,
 )
@@ -54,6 +47,16 @@ from app.serving.queue import redis_scripts as scripts
 from app.serving.queue.base import Work, await_answer
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
 from app.serving.queue.redis_conn import RedisTarget
+from app.serving.queue.redis_wire import (
+    error_from_json,
+    error_to_json,
+    progress_from_json,
+    progress_to_json,
+    request_from_json,
+    request_to_json,
+    result_from_json,
+    result_to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ EVENTS_MAXLEN = 512  # progress entries kept per request (the final event is alw
 READ_BLOCK_MS = 250  # how long one XREAD of the waiters' streams blocks before it re-reads its set
 POLL_S = 0.05  # a busy worker with free slots looks at the queue at most this often (no read per step)
 PING_S = 1.0  # readiness asks Redis at most this often
+TAKE_BACKOFF_S = 1.0  # after a failed take, the worker asks Redis again this much later
+
 
 class Unavailable(QueueFull):
     """Redis cannot be reached: 503 with Retry-After, like a full queue."""
@@ -99,56 +104,6 @@ class JobWriter(Protocol):
     def watched(self, client: Any, job_id: str) -> bool: ...
 
 
-# ---- the request and its result as JSON -------------------------------------------------------------
-
-
-def request_to_json(request: ImageRequest) -> str:
-    instances = [{"query": job.query, "params": dataclasses.asdict(job.params)} for job in request.instances]
-    return json.dumps({"instances": instances, "timeout_s": request.timeout_s, "protocol": request.protocol,
-                       "tenant": request.tenant}, ensure_ascii=False)
-
-
-def request_from_json(text: str) -> ImageRequest:
-    raw = json.loads(text)
-    jobs = []
-    for inst in raw["instances"]:
-        params = dict(inst["params"])
-        if params.get("image_prompt") is not None:
-            params["image_prompt"] = ImagePrompt(**params["image_prompt"])
-        jobs.append(Job(inst["query"], GenerationParams(**params)))
-    return ImageRequest(tuple(jobs), raw["timeout_s"], raw["protocol"], raw["tenant"])
-
-
-def result_to_json(result: RequestResult) -> str:
-    return json.dumps(dataclasses.asdict(result))
-
-
-def result_from_json(text: str) -> RequestResult:
-    raw = json.loads(text)
-    return RequestResult([InstanceResult(**i) for i in raw["instances"]], raw["queue_seconds"])
-
-
-def error_to_json(error: ServiceError) -> str:
-    return json.dumps({"type": type(error).__name__, "message": error.message})
-
-
-def error_from_json(text: str) -> ServiceError:
-    raw = json.loads(text)
-    kind = getattr(errors, raw["type"], None)
-    if not (isinstance(kind, type) and issubclass(kind, ServiceError)):
-        kind = errors.GenerationFailed
-    return kind(raw["message"])
-
-
-def _progress_to_json(event: Progressed) -> str:
-    return json.dumps([None if p is None else [p.step, p.steps, p.preview] for p in event.instances])
-
-
-def _progress_from_json(text: str) -> Progressed:
-    return Progressed(tuple(None if p is None else Progress(step=p[0], steps=p[1], preview=p[2])
-                            for p in json.loads(text)))
-
-
 class RedisQueue:
     """A `WorkQueue` shared by every replica through Redis (see the module docstring)."""
 
@@ -172,6 +127,8 @@ class RedisQueue:
         self._depth = 0
         self._reachable = (0.0, True)  # (when asked, answer)
         self._next_poll = 0.0
+        self._backoff_until = 0.0  # the worker takes nothing before this (Redis failed)
+        self._take_logged = float("-inf")
         # worker side
         self._sync: Any = None
         self._held: dict[str, Held] = {}
@@ -344,7 +301,7 @@ class RedisQueue:
             return
         if waiter.listener is None:
             return
-        event: Event = Started() if kind == "started" else _progress_from_json(data)
+        event: Event = Started() if kind == "started" else progress_from_json(data)
         try:
             waiter.listener(event)
         except Exception:  # a listener's fault never stops the reader
@@ -381,29 +338,43 @@ class RedisQueue:
             time.sleep(wait)
             return []
         now = time.monotonic()
+        if now < self._backoff_until:  # Redis failed lately: the running work goes on meanwhile
+            time.sleep(min(wait, self._backoff_until - now))
+            return []
         if not wait and now < self._next_poll and not self._reclaimed:
             return []
-        client = self._worker_client()
         taken: list[Work] = []
         images = 0
         block: int | None = int(wait * 1000) or None
-        while images < max_images and not self._closed:
-            with self._lock:
-                reclaimed = self._reclaimed.pop(0) if self._reclaimed else None
-            if reclaimed is not None:
-                entry, wid = reclaimed
-            else:
-                got = client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=1, block=block)
-                if not got:
-                    self._next_poll = time.monotonic() + POLL_S
-                    break
-                entry_b, fields = got[0][1][0]
-                entry, wid = entry_b.decode(), fields[b"id"].decode()
-            block = None
-            work = self._claim(client, entry, wid)
-            if work is not None:
-                taken.append(work)
-                images += work.images
+        try:
+            client = self._worker_client()
+            while images < max_images and not self._closed:
+                with self._lock:
+                    reclaimed = self._reclaimed.pop(0) if self._reclaimed else None
+                if reclaimed is not None:
+                    entry, wid = reclaimed
+                else:
+                    got = client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=1, block=block)
+                    if not got:
+                        self._next_poll = time.monotonic() + POLL_S
+                        break
+                    entry_b, fields = got[0][1][0]
+                    entry, wid = entry_b.decode(), fields[b"id"].decode()
+                block = None
+                work = self._claim(client, entry, wid)
+                if work is not None:
+                    taken.append(work)
+                    images += work.images
+        except redis.RedisError as exc:
+            # Nothing more is taken for a while (what was claimed runs; an entry read but not claimed is
+            # taken over by a sweep once Redis answers); a worker never treats this as a broken loop.
+            self._backoff_until = time.monotonic() + TAKE_BACKOFF_S
+            if time.monotonic() - self._take_logged >= 10.0:
+                self._take_logged = time.monotonic()
+                log.warning("taking work from Redis failed (%s); retrying every %g s", type(exc).__name__,
+                            TAKE_BACKOFF_S)
+            if not taken:
+                time.sleep(min(wait, TAKE_BACKOFF_S))
         return taken
 
     def _claim(self, client: Any, entry: str, wid: str) -> Work | None:
@@ -450,7 +421,7 @@ class RedisQueue:
         held = self._held.get(work.id)
         if held is None or work.cancelled:
             return
-        kind, data = ("started", "") if isinstance(event, Started) else ("progress", _progress_to_json(event))
+        kind, data = ("started", "") if isinstance(event, Started) else ("progress", progress_to_json(event))
         try:
             client = self._worker_client()
             if self.job_writer is not None and held.job is not None:

@@ -26,6 +26,9 @@ from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stopping worker waits for its thread once the queue is closed (its runs given up).
+STOP_JOIN_S = 10.0
+
 #: How long the worker waits for work before looking at its stop flag again.
 IDLE_WAIT_S = 0.25
 
@@ -78,6 +81,12 @@ class WorkerThread:
         self._stopping = True
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is not None and self._thread.is_alive():
+            # Out of time: closing gives up what is left (a shared queue hands it back and cancels it
+            # here, so its rows leave at the next step); a thread still inside torch at interpreter exit
+            # can abort the process.
+            self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
+            self._thread.join(STOP_JOIN_S)
         self._after_join()
         self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
         if self._thread is not None and self._thread.is_alive():
