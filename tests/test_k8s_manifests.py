@@ -1,5 +1,6 @@
-"""Static checks of the deployment: k8s/ manifests against KServe's real CRD schemas, against the real
-server (its argument parser, its HTTP routes, its metric names) and against the Dockerfile.
+"""Static checks of the deployment: k8s/ manifests against KServe's, prometheus-operator's and KEDA's real
+CRD schemas (native objects against the Kubernetes API types), against the real server (its argument
+parser, its HTTP routes, its metric names, its Redis queue) and against the Dockerfile.
 
 Nothing here needs a cluster, Docker or the network. The CRDs come from the shared folder
 (KANDINSKY_SHARED_DIR, else <repo>/../shared, else <repo>/shared).
@@ -40,12 +41,16 @@ VOLTA_TORCH_ARCH_FLAGS = "sm_70 sm_75 sm_80 sm_86 sm_90 sm_100 sm_120"
 KSERVE_MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts storageUri
 KANDINSKY_CHECKPOINT_BYTES = 23 * 10**9  # SPEC section 2: the published transformer file
 GPU = "nvidia.com/gpu"
+# Images we do not build, pinned by their own tag (ours carry app.__version__).
+THIRD_PARTY_IMAGES = {"redis": "7.4"}
 
 NATIVE_KINDS = {
     ("v1", "ServiceAccount"),
     ("v1", "Secret"),
     ("v1", "PersistentVolumeClaim"),
     ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "StatefulSet"),
     ("batch/v1", "Job"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
@@ -59,6 +64,11 @@ CRD_FILES = {
 MONITORING_CRD_FILES = {
     "PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
     "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml",
+}
+# KEDA's CRDs (the many-replicas layout scales its GPU workers with them), in the same shared folder.
+KEDA_CRD_FILES = {
+    "ScaledObject": "keda.sh_scaledobjects.yaml",
+    "TriggerAuthentication": "keda.sh_triggerauthentications.yaml",
 }
 # Metrics the alert rules may use that come from the cluster, not from our server.
 EXTERNAL_METRICS = {"kube_pod_status_ready", "up"}
@@ -151,6 +161,16 @@ def _duration_s(text: str) -> float:
     return total
 
 
+def _image_entries(root: Path) -> dict[str, dict[str, Any]]:
+    """The `images:` entries of a root kustomization and of the kustomizations it includes, by name."""
+    dirs = {root.resolve()} | {d.resolve() for d, _ in _walk_kustomization(root)}
+    return {i["name"]: i for d in sorted(dirs) for i in _kustomization(d).get("images", [])}
+
+
+def _image_tag(name: str) -> str:
+    return THIRD_PARTY_IMAGES.get(name, app_pkg.__version__)
+
+
 def test_kustomize_build_renders_every_root_with_the_registry_image() -> None:
     import shutil
     import subprocess
@@ -164,7 +184,7 @@ def test_kustomize_build_renders_every_root_with_the_registry_image() -> None:
         docs = [d for d in yaml.safe_load_all(out.stdout) if d]
         spec_images = re.findall(r"^\s*image: (\S+)$", out.stdout, re.M)
         # Every image is rewritten to the registry, and every `images:` entry is used (the Volta one too).
-        registry = {f"{i['newName']}:{app_pkg.__version__}" for i in _kustomization(root)["images"]}
+        registry = {f"{i['newName']}:{_image_tag(name)}" for name, i in _image_entries(root).items()}
         assert spec_images and set(spec_images) == registry, f"{root}: {sorted(set(spec_images))}"
         for doc in docs:
             assert doc["metadata"].get("labels", {}).get("app.kubernetes.io/part-of") == "kandinsky-serving"
@@ -211,7 +231,8 @@ def _validator(kind: str) -> Any:
     shared = _shared_dir()
     if shared is None:
         pytest.skip("CRDs not found: set KANDINSKY_SHARED_DIR or put shared/k8s/crds next to the repo")
-    crd = _load_yaml(shared / "k8s" / "crds" / {**CRD_FILES, **MONITORING_CRD_FILES}[kind])[0]
+    files = {**CRD_FILES, **MONITORING_CRD_FILES, **KEDA_CRD_FILES}
+    crd = _load_yaml(shared / "k8s" / "crds" / files[kind])[0]
     assert crd["spec"]["names"]["kind"] == kind
     versions = [v for v in crd["spec"]["versions"] if v.get("served")]
     version = next((v for v in versions if v.get("storage")), versions[0])
@@ -249,7 +270,7 @@ def test_every_other_object_is_a_known_kubernetes_kind_with_a_name() -> None:
     name_re = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     for path, doc in _objects():
         key = (doc.get("apiVersion"), doc.get("kind"))
-        if doc.get("kind") not in CRD_FILES:
+        if doc.get("kind") not in CRD_FILES.keys() | KEDA_CRD_FILES.keys():
             assert key in NATIVE_KINDS, f"{path}: unexpected {key}"
         name = doc.get("metadata", {}).get("name", "")
         assert name_re.match(name) and len(name) <= 63, f"{path}: bad metadata.name {name!r}"
@@ -319,13 +340,29 @@ def test_route_discovery_finds_the_documented_routes() -> None:
     assert _route_for("/v2/health/alive") is None
 
 
+# The many-replicas layout (k8s/replicas/): every replica serves this model name, so they all use the Redis
+# keys kandinsky:<model name>:* (the queue stream among them) and the route /v1/models/<model name>.
+REPLICAS_MODEL_NAME = "kandinsky"
+
+
+def _gpus(isvc: dict[str, Any]) -> int:
+    resources = isvc["spec"]["predictor"]["model"]["resources"]
+    return int(resources.get("limits", {}).get(GPU, 0)) + int(resources.get("requests", {}).get(GPU, 0))
+
+
 @pytest.mark.parametrize("name", _isvc_ids())
 def test_container_args_parse_with_the_real_server_parser(name: str) -> None:
     isvc = _isvc(name)
     args = _parse(_server_args(isvc))
-    assert args.model_name == name  # the route is /v1/models/<InferenceService name>
+    if args.redis_url:  # one of many replicas: the shared model name, whatever the InferenceService's
+        assert args.model_name == REPLICAS_MODEL_NAME
+    else:
+        assert args.model_name == name  # the route is /v1/models/<InferenceService name>
     assert args.model_dir == KSERVE_MODEL_DIR
     assert args.workers == 1
+    if args.role == "api":  # loads no weights: no GPU, and --device says so
+        assert args.device == "cpu" and _gpus(isvc) == 0
+        return
     devices = args.device.split(",")
     gpus = int(isvc["spec"]["predictor"]["model"]["resources"]["limits"][GPU])
     assert all(re.fullmatch(r"cuda:\d+", d) for d in devices) and len(set(devices)) == len(devices)
@@ -350,8 +387,16 @@ def test_ports_and_probes_match_the_served_routes(name: str) -> None:
     model = isvc["spec"]["predictor"]["model"]
 
     ready = model["readinessProbe"]["httpGet"]
-    assert ready["path"] == f"/v1/models/{args.model_name}"
-    assert _route_for(ready["path"]) == "/v1/models/{model_name}"
+    if args.redis_url and args.role == "worker":
+        # Only the v2 readiness also asks Redis: a worker that cannot reach it shows not ready (it gets no
+        # traffic, so that only reports it).
+        assert ready["path"] == "/v2/health/ready"
+        assert _route_for(ready["path"]) == "/v2/health/ready"
+    else:
+        # The api replicas share the one Redis: they stay in rotation while it is down and answer 503 with
+        # Retry-After themselves (out of rotation, Knative's activator would hold the requests instead).
+        assert ready["path"] == f"/v1/models/{args.model_name}"
+        assert _route_for(ready["path"]) == "/v1/models/{model_name}"
     for probe in ("livenessProbe", "startupProbe"):
         get = model[probe]["httpGet"]
         assert _route_for(get["path"]) == "/v2/health/live", f"{probe} {get['path']} is not served"
@@ -373,6 +418,26 @@ def test_timeouts_concurrency_and_scaling_fit_the_server(name: str) -> None:
     isvc = _isvc(name)
     args = _parse(_server_args(isvc))
     pred = isvc["spec"]["predictor"]
+    ann = isvc["metadata"]["annotations"]
+    model = pred["model"]
+    startup = model["startupProbe"]
+    budget = startup["periodSeconds"] * startup["failureThreshold"]
+    if args.role != "api" and pred["model"]["storageUri"].rstrip("/").endswith("/kandinsky"):
+        assert budget >= 30 * 60, "a 23 GB load needs a 30 min start-up budget"
+    if ann[DEPLOYMENT_MODE] == "Standard":
+        # A worker scaled by KEDA (see test_scaledobjects_scale_each_worker_deployment_on_the_queue):
+        # KServe must leave the replica count alone. After SIGTERM the worker lets running work finish for
+        # --drain_timeout (0: the request deadline), then hands the rest back: the kubelet's SIGKILL must
+        # come later, and the drain must cover a generation started just before (up to the deadline).
+        assert args.role == "worker", "only workers get no client traffic and so no Knative"
+        assert ann[AUTOSCALER_CLASS] == "external"
+        drain = args.drain_timeout or args.request_timeout
+        assert drain >= args.request_timeout, "a drain shorter than the deadline reruns running work"
+        assert pred["terminationGracePeriodSeconds"] >= drain + 60, "no time left to hand work back"
+        assert not {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"} & pred.keys(), (
+            "the ScaledObject sets the replicas; KServe ignores these with autoscalerClass external")
+        return
+    assert ann[DEPLOYMENT_MODE] == "Knative"
     # The server's deadline answers first (a JSON 504); the pod's grace period (Knative: the revision
     # timeout) covers the server's drain of request_timeout + 5 s after SIGTERM.
     assert pred["timeout"] >= args.request_timeout + 5
@@ -381,13 +446,6 @@ def test_timeouts_concurrency_and_scaling_fit_the_server(name: str) -> None:
     assert pred["minReplicas"] >= 1, "a multi-GB model must not scale to zero"
     assert pred["maxReplicas"] >= pred["minReplicas"]
     assert pred["scaleMetric"] == "concurrency" and 1 <= pred["scaleTarget"] <= pred["containerConcurrency"]
-
-    model = pred["model"]
-    startup = model["startupProbe"]
-    budget = startup["periodSeconds"] * startup["failureThreshold"]
-    if pred["model"]["storageUri"].rstrip("/").endswith("/kandinsky"):
-        assert budget >= 30 * 60, "a 23 GB load needs a 30 min start-up budget"
-    ann = isvc["metadata"]["annotations"]
     deadline = _duration_s(ann["serving.knative.dev/progress-deadline"])
     assert deadline >= budget, "Knative would give up on the revision before the startupProbe does"
     assert _duration_s(ann["autoscaling.knative.dev/window"]) >= 60
@@ -398,6 +456,10 @@ def test_memory_gpu_and_shared_memory_sizing(name: str) -> None:
     isvc = _isvc(name)
     pred = isvc["spec"]["predictor"]
     res = pred["model"]["resources"]
+    if _parse(_server_args(isvc)).role == "api":  # no weights, no GPU, no GPU node
+        assert _gpus(isvc) == 0 and _selected_gpu(isvc) is None and "tolerations" not in pred
+        assert res["requests"]["memory"] == res["limits"]["memory"]
+        return
     assert res["requests"][GPU] == res["limits"][GPU]
     mem = _quantity(res["limits"]["memory"])
     if pred["model"]["storageUri"].rstrip("/").endswith("/kandinsky"):
@@ -451,6 +513,9 @@ def _selected_gpu(isvc: dict[str, Any]) -> str | None:
 def test_the_image_torch_has_kernels_for_the_selected_gpu(name: str) -> None:
     isvc = _isvc(name)
     gpu = _selected_gpu(isvc)
+    if gpu is None and _parse(_server_args(isvc)).role == "api":
+        assert _gpus(isvc) == 0, f"{name}: requests a GPU without selecting a GPU node"
+        return
     assert gpu is not None, f"{name}: nodeSelector names no known GPU product"
     capability = GPU_CAPABILITY[gpu]
     runtime = _runtime_for(isvc)
@@ -690,17 +755,18 @@ def test_images_follow_the_makefile_tag_convention() -> None:
     refs = _image_refs()
     assert refs
     allowed = {f"{IMAGE_NAME}:{version}", f"{VOLTA_IMAGE_NAME}:{version}"}
+    allowed |= {f"{name}:{tag}" for name, tag in THIRD_PARTY_IMAGES.items()}
     for owner, image in refs:
         assert image in allowed, f"{owner}: {image} is not one of {sorted(allowed)}"
     for root in _roots():
         used = {image.rpartition(":")[0] for _, path in _walk_kustomization(root) if path.suffix == ".yaml"
                 for doc in _load_yaml(path) for image in _container_images(doc)}
-        images = {i["name"]: i for i in _kustomization(root).get("images", [])}
+        images = _image_entries(root)
         missing = used - set(images)
         assert used and not missing, f"{root}/kustomization.yaml: no images: entry for {sorted(missing)}"
         for name in used:
             tag = images[name]["newTag"]
-            assert tag == version, f"{root}/kustomization.yaml: {name} tag {tag}, app {version}"
+            assert tag == _image_tag(name), f"{root}: {name} tag {tag}, expected {_image_tag(name)}"
 
 
 def test_weights_job_runs_real_weights_tool_commands() -> None:
@@ -823,6 +889,51 @@ def test_alert_rules_cover_stuck_queue_errors_and_readiness() -> None:
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
 
 
+def _example_pod_names(isvc: dict[str, Any]) -> list[str]:
+    """Names the predictor's pods get: Knative's revision Deployment, or Standard mode's Deployment."""
+    name = isvc["metadata"]["name"]
+    return [f"{name}-predictor-00001-deployment-6d8f9c7b5-x2x7q", f"{name}-predictor-7c9d8f6b4-qr5tz"]
+
+
+def test_pod_alerts_cover_every_predictor_and_the_stuck_queue_alert_only_generating_ones() -> None:
+    rules = {r["alert"]: r["expr"] for rule in _of_kind("PrometheusRule") for g in rule["spec"]["groups"]
+             for r in g["rules"]}
+    for alert in ("KandinskyPodNotReady", "KandinskyMetricsDown"):
+        (pattern,) = re.findall(r'pod=~"([^"]+)"', rules[alert])
+        for isvc in _of_kind("InferenceService"):  # PromQL regexes are anchored: fullmatch
+            assert all(re.fullmatch(pattern, p) for p in _example_pod_names(isvc)), (alert, isvc["metadata"])
+        assert not re.fullmatch(pattern, "kandinsky-redis-0")
+    # An api replica reports the shared queue's depth but never samples an image: it must not count as stuck.
+    excluded = re.findall(r'pod!~"([^"]+)"', rules["KandinskyQueueStuck"])
+    for isvc in _of_kind("InferenceService"):
+        is_api = _parse(_server_args(isvc)).role == "api"
+        for pod in _example_pod_names(isvc):
+            assert any(re.fullmatch(p, pod) for p in excluded) == is_api, (pod, excluded)
+
+
+def test_redis_alert_fires_only_when_no_replica_reaches_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = {r["alert"]: r for rule in _of_kind("PrometheusRule") for g in rule["spec"]["groups"]
+             for r in g["rules"]}
+    rule = rules["KandinskyRedisUnreachable"]
+    expr = re.sub(r"\s+", " ", rule["expr"])
+    # Errors, and not one successful round trip: a slow or flaky Redis is not "unreachable".
+    assert 'kandinsky_redis_seconds_count{outcome="error"}' in expr
+    ok = 'unless on (namespace) sum by (namespace) (rate(kandinsky_redis_seconds_count{outcome="ok"}'
+    assert ok in expr
+    assert rule["labels"]["severity"] == "critical" and _duration_s(rule["for"]) >= 60
+    # The outcomes the alert names are the ones the server records (into a private copy of the metric).
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from app.serving.observability import metrics
+
+    private = Histogram(metrics.REDIS_SECONDS._name, "copy", ["outcome"], registry=CollectorRegistry())
+    monkeypatch.setattr(metrics, "REDIS_SECONDS", private)
+    metrics.PrometheusObserver().redis_call(0.001, ok=False)
+    metrics.PrometheusObserver().redis_call(0.001, ok=True)
+    outcomes = {s.labels["outcome"] for m in private.collect() for s in m.samples if "outcome" in s.labels}
+    assert set(re.findall(r'outcome="(\w+)"', expr)) == outcomes == {"ok", "error"}
+
+
 # ------------------------------------------------------------------ prometheus-operator and Grafana
 
 
@@ -895,25 +1006,29 @@ def test_label_selector_matching_can_fail() -> None:
     assert not _selects({}, {"a": "b"}), "an empty selector would select every pod of the namespace"
 
 
-def test_podmonitor_scrapes_every_predictor_pod_on_the_servers_metrics_port() -> None:
-    (monitor,) = _of_kind("PodMonitor")
-    spec = monitor["spec"]
-    # No namespaceSelector: the PodMonitor looks in its own namespace, where `-n` puts the pods too.
-    assert "namespaceSelector" not in spec
-    (endpoint,) = spec["podMetricsEndpoints"]
-    assert _route_for(endpoint["path"]) == "/metrics"
-    assert endpoint.get("scheme", "http") == "http"
+def test_podmonitors_scrape_every_predictor_pod_once_on_the_servers_metrics_port() -> None:
+    monitors = _of_kind("PodMonitor")
+    for monitor in monitors:
+        # No namespaceSelector: the PodMonitor looks in its own namespace, where `-n` puts the pods too.
+        assert "namespaceSelector" not in monitor["spec"]
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert _route_for(endpoint["path"]) == "/metrics"
+            assert endpoint.get("scheme", "http") == "http"
     for isvc in _of_kind("InferenceService"):
         name = isvc["metadata"]["name"]
-        assert _selects(spec["selector"], _predictor_pod_labels(isvc)), f"{name}: pods not selected"
-        ports = _predictor_pod_ports(isvc)
-        assert endpoint["port"] in ports, f"{name}: the pod has no port {endpoint['port']!r}, only {ports}"
-        assert ports[endpoint["port"]] == _parse(_server_args(isvc)).http_port
+        labels, ports = _predictor_pod_labels(isvc), _predictor_pod_ports(isvc)
+        # A target per (monitor, endpoint) whose selector takes the pod and whose port name the pod has.
+        targets = [(m["metadata"]["name"], e["port"]) for m in monitors
+                   if _selects(m["spec"]["selector"], labels)
+                   for e in m["spec"]["podMetricsEndpoints"] if e["port"] in ports]
+        assert len(targets) == 1, f"{name} (pod ports {ports}) is scraped by {targets}, not exactly once"
+        assert ports[targets[0][1]] == _parse(_server_args(isvc)).http_port
         # Other components of the same InferenceService (a transformer) are not the model server.
-        other = {**_predictor_pod_labels(isvc), KSERVE_COMPONENT_LABEL: "transformer"}
-        assert not _selects(spec["selector"], other)
+        other = {**labels, KSERVE_COMPONENT_LABEL: "transformer"}
+        assert not any(_selects(m["spec"]["selector"], other) for m in monitors)
     for job in _of_kind("Job"):
-        assert not _selects(spec["selector"], job["spec"]["template"].get("metadata", {}).get("labels", {}))
+        job_labels = job["spec"]["template"].get("metadata", {}).get("labels", {})
+        assert not any(_selects(m["spec"]["selector"], job_labels) for m in monitors)
 
 
 def test_standard_mode_keeps_the_runtime_port_name_the_podmonitor_docs_name() -> None:
@@ -929,9 +1044,9 @@ def test_standard_mode_keeps_the_runtime_port_name_the_podmonitor_docs_name() ->
 
 
 def test_podmonitor_and_rules_carry_the_release_label_prometheus_selects() -> None:
-    releases = {d["kind"]: d["metadata"].get("labels", {}).get("release")
+    releases = {(d["kind"], d["metadata"]["name"]): d["metadata"].get("labels", {}).get("release")
                 for d in _of_kind("PodMonitor") + _of_kind("PrometheusRule")}
-    assert set(releases) == {"PodMonitor", "PrometheusRule"}
+    assert {kind for kind, _ in releases} == {"PodMonitor", "PrometheusRule"}
     assert len(set(releases.values())) == 1 and None not in releases.values(), releases
 
 
@@ -968,6 +1083,458 @@ def test_rendered_dashboard_configmap_is_labelled_and_holds_the_dashboard() -> N
     assert len(monitors) == 1 and "namespace" not in monitors[0]["metadata"]
 
 
+# ------------------------------------------------ many replicas: Redis, the split InferenceServices, KEDA
+
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"
+# KServe names a predictor's Deployment (Standard mode) <InferenceService name>-predictor:
+# constants.PredictorServiceName in kserve/kserve pkg/constants/constants.go, used by
+# pkg/controller/v1beta1/inferenceservice/components/predictor.go for the Deployment's metadata.name.
+KSERVE_PREDICTOR_SUFFIX = "-predictor"
+# The flags the many-replicas manifests pass (README "Server flags"); a missing one fails with its name.
+REPLICA_FLAGS = ("--redis_url", "--redis_password_file", "--role", "--replica_name", "--job_lease",
+                 "--max_deliveries", "--drain_timeout")
+PASSWORD_ENV = "REDIS_PASSWORD"  # the server reads the password from here (app/serving/queue/redis_conn.py)
+SECRET_PLACEHOLDER = "REPLACE_ME"
+
+
+def _one(kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in _of_kind(kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} named {name!r} in k8s/"
+    return found[0]
+
+
+def _redis_statefulset() -> dict[str, Any]:
+    (sts,) = [d for d in _of_kind("StatefulSet") if "redis" in d["metadata"]["name"]]
+    return sts
+
+
+def _redis_container() -> dict[str, Any]:
+    (container,) = _redis_statefulset()["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _redis_conf() -> dict[str, list[str]]:
+    """The redis.conf the Redis StatefulSet mounts (a configMapGenerator file): directive -> arguments."""
+    volumes = {v["name"]: v for v in _redis_statefulset()["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in _redis_container()["volumeMounts"] if "configMap" in volumes.get(m["name"], {})]
+    conf_arg = next(a for a in _redis_container()["args"] if a.endswith(".conf"))
+    assert conf_arg.startswith(mount["mountPath"] + "/"), f"{conf_arg} is not in the ConfigMap's mount"
+    map_name = volumes[mount["name"]]["configMap"]["name"]
+    files = [(d, f) for root in _roots() for d, f in _walk_kustomization(root)
+             if f.name == Path(conf_arg).name
+             and any(g["name"] == map_name for g in _kustomization(d).get("configMapGenerator", []))]
+    assert len(files) == 1, f"no configMapGenerator {map_name} with {Path(conf_arg).name}"
+    conf: dict[str, list[str]] = {}
+    for line in files[0][1].read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, *rest = shlex.split(line)
+            conf[word.lower()] = rest
+    return conf
+
+
+def _env_secret(container: dict[str, Any], env: str) -> tuple[str, str] | None:
+    """(Secret name, key) an env var of a container comes from, or None."""
+    for e in container.get("env", []):
+        if e["name"] == env:
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            return (ref["name"], ref["key"]) if ref else None
+    return None
+
+
+def _redis_secret_ref() -> tuple[str, str]:
+    """The Secret and key Redis takes its --requirepass from."""
+    container = _redis_container()
+    args = container["args"]
+    assert "--requirepass" in args, "Redis runs without a password"
+    value = args[args.index("--requirepass") + 1]
+    m = re.fullmatch(r"\$\((\w+)\)", value)
+    assert m, f"--requirepass {value!r}: not an env var reference (a literal password in the pod spec)"
+    ref = _env_secret(container, m.group(1))
+    assert ref, f"{m.group(1)} does not come from a Secret"
+    return ref
+
+
+def _redis_service() -> dict[str, Any]:
+    (svc,) = [s for s in _of_kind("Service") if "redis" in s["metadata"]["name"]
+              and s["spec"].get("clusterIP") != "None"]
+    return svc
+
+
+def _replicas() -> list[dict[str, Any]]:
+    """The InferenceServices that share work through Redis (--redis_url)."""
+    return [i for i in _of_kind("InferenceService") if _parse(_server_args(i)).redis_url]
+
+
+def _comments_of(doc: dict[str, Any]) -> str:
+    """The comments of the file that defines an object, joined."""
+    (path,) = {p for p, d in _objects() if d is doc}
+    return " ".join(m.group(1) for m in re.finditer(r"^\s*#\s?(.*)$", path.read_text(encoding="utf-8"), re.M))
+
+
+def _scaledobjects_for(isvc: dict[str, Any]) -> list[dict[str, Any]]:
+    deployment = isvc["metadata"]["name"] + KSERVE_PREDICTOR_SUFFIX
+    return [so for so in _of_kind("ScaledObject") if so["spec"]["scaleTargetRef"]["name"] == deployment]
+
+
+def test_every_keda_object_validates_against_the_keda_crd_schema() -> None:
+    docs = [(p, d) for p, d in _objects() if d.get("kind") in KEDA_CRD_FILES]
+    assert {d["kind"] for _, d in docs} == set(KEDA_CRD_FILES)
+    problems = [f"{p.relative_to(REPO)} {d['metadata']['name']}: {e}" for p, d in docs
+                for e in _schema_errors(d)]
+    assert not problems, "\n".join(problems)
+
+
+def test_strict_keda_schema_rejects_a_misspelled_field_and_a_number_as_metadata() -> None:
+    doc = json.loads(json.dumps(_of_kind("ScaledObject")[0]))
+    doc["spec"]["minReplicas"] = 1  # the field is minReplicaCount
+    doc["spec"]["triggers"][0]["metadata"]["streamLength"] = 8  # trigger metadata are strings
+    doc["spec"]["cooldownPeriod"] = "30m"
+    errors = "\n".join(_schema_errors(doc))
+    assert "minReplicas" in errors and "8 is not of type 'string'" in errors
+    assert "'30m' is not of type" in errors
+
+
+def _api_type_problems(value: Any, type_name: str, path: str) -> list[str]:
+    """Unknown fields and wrong JSON types in a native object, by the Kubernetes Python client's models
+    (generated from the API's OpenAPI types): what `kubectl apply --validate=strict` rejects."""
+    from kubernetes import client
+
+    # The client's type names: List[X] and Dict[str, X] (list[X] and dict(str, X) in older releases).
+    listed = re.fullmatch(r"[Ll]ist\[(.+)\]", type_name)
+    if listed:
+        if not isinstance(value, list):
+            return [f"{path}: {value!r} is not a list"]
+        item = listed.group(1)
+        return [p for i, v in enumerate(value) for p in _api_type_problems(v, item, f"{path}[{i}]")]
+    mapped = re.fullmatch(r"Dict\[str, (.+)\]|dict\(str, (.+)\)", type_name)
+    if mapped:
+        if not isinstance(value, dict):
+            return [f"{path}: {value!r} is not a map"]
+        inner = mapped.group(1) or mapped.group(2)
+        return [p for k, v in value.items() for p in _api_type_problems(v, inner, f"{path}.{k}")]
+    scalars: dict[str, Any] = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object,
+                               "datetime": str, "bytes": str}
+    if type_name in scalars:
+        ok = isinstance(value, scalars[type_name]) and not (type_name == "int" and isinstance(value, bool))
+        return [] if ok else [f"{path}: {value!r} is not {type_name}"]
+    model = getattr(client, type_name)
+    if not isinstance(value, dict):
+        return [f"{path}: {value!r} is not a {type_name}"]
+    fields = {json_name: attr for attr, json_name in model.attribute_map.items()}
+    problems = [f"{path}.{k}: no such field in {type_name}" for k in value if k not in fields]
+    return problems + [p for k, v in value.items() if k in fields
+                       for p in _api_type_problems(v, model.openapi_types[fields[k]], f"{path}.{k}")]
+
+
+def _native_problems(doc: dict[str, Any]) -> list[str]:
+    group_version = doc["apiVersion"].rpartition("/")[2]  # v1, apps/v1, batch/v1: the V1 models
+    return _api_type_problems(doc, f"{group_version.capitalize()}{doc['kind']}", doc["kind"])
+
+
+def test_every_native_object_has_only_fields_of_its_kubernetes_type() -> None:
+    pytest.importorskip("kubernetes")  # KServe's SDK depends on it
+    docs = [(p, d) for p, d in _objects() if (d.get("apiVersion"), d.get("kind")) in NATIVE_KINDS
+            and d["apiVersion"] in ("v1", "apps/v1", "batch/v1")]
+    assert {"StatefulSet", "Service", "Secret", "Job"} <= {d["kind"] for _, d in docs}
+    problems = [f"{p.relative_to(REPO)}: {e}" for p, d in docs for e in _native_problems(d)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_native_type_check_rejects_a_misspelled_field_and_a_wrong_type() -> None:
+    pytest.importorskip("kubernetes")
+    sts = json.loads(json.dumps(_redis_statefulset()))
+    sts["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    sts["spec"]["replicas"] = "1"
+    sts["spec"]["volumeClaimTemplates"][0]["spec"]["accesModes"] = ["ReadWriteOnce"]
+    errors = "\n".join(_native_problems(sts))
+    assert "imagePullPolcy: no such field in V1Container" in errors
+    assert "spec.replicas: '1' is not int" in errors and "accesModes" in errors
+
+
+def test_redis_keeps_the_queue_on_its_claim_and_never_evicts() -> None:
+    conf = _redis_conf()
+    # Every write in the append-only file, fsynced once a second: a restart replays the queue.
+    assert conf["appendonly"] == ["yes"] and conf["appendfsync"] == ["everysec"]
+    # Never drop a queue entry, a lease or a result to make room: refuse writes at the bound instead.
+    assert conf["maxmemory-policy"] == ["noeviction"]
+    (maxmemory,) = conf["maxmemory"]
+    maxmemory_bytes = _quantity(maxmemory.replace("gb", "Gi").replace("mb", "Mi"))
+    container = _redis_container()
+    limit = _quantity(container["resources"]["limits"]["memory"])
+    assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
+    assert 0 < maxmemory_bytes <= 0.75 * limit, "an AOF rewrite forks: keep maxmemory <= 3/4 of the limit"
+    # The AOF's directory is the claim of the volumeClaimTemplates, not the container's own filesystem.
+    sts = _redis_statefulset()
+    claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    (data_dir,) = conf["dir"]
+    assert mounts.get(data_dir) in claims, f"dir {data_dir} is not on a claim ({mounts})"
+    claim = claims[mounts[data_dir]]["spec"]
+    # Between rewrites the AOF grows to twice its base, and a rewrite writes a new base beside it.
+    assert _quantity(claim["resources"]["requests"]["storage"]) >= 3 * maxmemory_bytes
+    assert sts["spec"]["replicas"] == 1, "one Redis: the replicas share its single queue"
+    # The port Redis listens on is the one the Services and the probes reach.
+    (port,) = container["ports"]
+    assert conf["port"] == [str(port["containerPort"])]
+    for svc in [s for s in _of_kind("Service") if "redis" in s["metadata"]["name"]]:
+        pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+        assert _selects({"matchLabels": svc["spec"]["selector"]}, pod_labels), svc["metadata"]["name"]
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] in ([port["name"]], [port["containerPort"]])
+    headless = _one("Service", sts["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None", "a StatefulSet's governing Service is headless"
+    # Not root, no privilege escalation, nothing writable but the claim.
+    pod_sc, sc = sts["spec"]["template"]["spec"]["securityContext"], container["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+    assert pod_sc["fsGroup"] == pod_sc["runAsUser"], "the claim must be writable to Redis' user"
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    # The probes ask Redis itself, authenticated, and ready means PONG (not LOADING the AOF).
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "redis-cli ping" in " ".join(container[probe]["exec"]["command"]), probe
+    assert "grep -qx PONG" in " ".join(container["readinessProbe"]["exec"]["command"])
+    assert _env_secret(container, "REDISCLI_AUTH") == _redis_secret_ref()
+
+
+def test_redis_conf_starts_a_real_redis_with_those_settings(tmp_path: Path) -> None:
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from tests.support import free_port
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian's redis-server package)")
+    conf_file = tmp_path / "redis.conf"
+    port = free_port()
+    # The manifest's file, with only where it listens and writes moved to this machine.
+    conf = {**_redis_conf(), "port": [str(port)], "bind": ["127.0.0.1"], "dir": [str(tmp_path)]}
+    conf_file.write_text("".join(" ".join(shlex.quote(a) for a in [k, *v]) + "\n" for k, v in conf.items()))
+    proc = subprocess.Popen(["redis-server", str(conf_file), "--requirepass", "test-only"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # a plain connect: redis-py's retries would back off for seconds
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert proc.poll() is None, f"redis-server rejected the config: {proc.communicate()[1]!r}"
+            assert time.monotonic() < deadline, "redis-server did not listen within 20 s"
+            time.sleep(0.05)
+        client = redis.Redis(port=port, password="test-only", socket_timeout=2)
+        client.ping()
+        keys = ("appendonly", "appendfsync", "maxmemory-policy", "maxmemory")
+        got: dict[str, Any] = {k: client.config_get(k)[k] for k in keys}
+        assert got["appendonly"] == "yes" and got["appendfsync"] == "everysec"
+        assert got["maxmemory-policy"] == "noeviction" and int(got["maxmemory"]) >= 2**30
+        with pytest.raises(redis.AuthenticationError):  # no password: refused (no retries: they back off)
+            redis.Redis(port=port, socket_timeout=2, retry=Retry(NoBackoff(), 0)).set("k", "v")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_the_replica_flags_exist_in_the_server() -> None:
+    # Fails naming each flag the manifests need that `python -m app` does not (yet) take.
+    known = {opt for action in _server_parser()._actions for opt in action.option_strings}
+    missing = [flag for flag in REPLICA_FLAGS if flag not in known]
+    assert not missing, f"python -m app has no {missing}"
+
+
+def test_replicas_share_one_queue_on_the_redis_service_with_the_password_from_its_secret() -> None:
+    replicas = _replicas()
+    roles = sorted(_parse(_server_args(i)).role for i in replicas)
+    assert roles.count("api") == 1 and roles.count("worker") >= 1 and set(roles) == {"api", "worker"}, roles
+    secret_ref = _redis_secret_ref()
+    secret = _one("Secret", secret_ref[0])
+    assert secret["stringData"][secret_ref[1]] == SECRET_PLACEHOLDER, "commit a placeholder, not the password"
+    svc = _redis_service()
+    (svc_port,) = [p["port"] for p in svc["spec"]["ports"]]
+    shared = {"model_name", "redis_url", "request_timeout", "max_images_per_request", "queue_size"}
+    seen: dict[str, set[Any]] = {k: set() for k in shared}
+    for isvc in replicas:
+        name, args = isvc["metadata"]["name"], _parse(_server_args(isvc))
+        for key in shared:
+            seen[key].add(getattr(args, key))
+        from urllib.parse import urlsplit
+
+        url = urlsplit(args.redis_url)
+        assert url.scheme in ("redis", "rediss") and url.hostname == svc["metadata"]["name"], args.redis_url
+        assert url.port == svc_port and url.path.strip("/").isdigit()
+        assert url.password is None and not args.redis_password_file, f"{name}: the password is env only"
+        model = isvc["spec"]["predictor"]["model"]
+        assert _env_secret(model, PASSWORD_ENV) == secret_ref, f"{name}: {PASSWORD_ENV} not from the Secret"
+        all_args = _server_args(isvc)
+        assert not [a for a in all_args if SECRET_PLACEHOLDER in a or "password" in a.lower()], all_args
+        if args.role == "worker":
+            # The consumer's name in Redis is the pod's (downward API), expanded by the kubelet.
+            assert args.replica_name == "$(POD_NAME)"
+            (pod_name,) = [e for e in model["env"] if e["name"] == "POD_NAME"]
+            assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+            assert args.job_lease > 0 and args.max_deliveries >= 1 and _gpus(isvc) > 0
+        else:
+            assert _gpus(isvc) == 0
+    assert all(len(v) == 1 for v in seen.values()), f"the replicas disagree: {seen}"
+    assert seen["model_name"] == {REPLICAS_MODEL_NAME}
+    # The single-replica InferenceServices stay in-process: no Redis, role all.
+    for isvc in _of_kind("InferenceService"):
+        if isvc not in replicas:
+            assert _parse(_server_args(isvc)).role == "all"
+    # No Redis password anywhere else either: not in any container's args, not in a ScaledObject.
+    for _, doc in _objects():
+        if doc.get("kind") != "Secret":
+            assert SECRET_PLACEHOLDER not in json.dumps(doc), f"{doc['kind']} {doc['metadata']['name']}"
+
+
+def _queue_stream(model_name: str) -> str:
+    """The stream the server puts requests on, from the server's own queue class."""
+    from app.serving.queue.redis_conn import resolve
+    from app.serving.queue.redis_queue import RedisQueue
+
+    return str(RedisQueue(resolve("redis://unused:6379/0", environ={}), model_name).stream)
+
+
+def test_scaledobjects_scale_each_worker_deployment_on_the_queue() -> None:
+    svc = _redis_service()
+    (svc_port,) = [p["port"] for p in svc["spec"]["ports"]]
+    workers = [i for i in _replicas() if _parse(_server_args(i)).role == "worker"]
+    assert workers
+    targeted = set()
+    for isvc in workers:
+        name, args = isvc["metadata"]["name"], _parse(_server_args(isvc))
+        ann = isvc["metadata"]["annotations"]
+        # KServe makes a plain Deployment <name>-predictor and, with the external class, no HPA of its own
+        # and leaves its replica count to the ScaledObject.
+        assert ann[DEPLOYMENT_MODE] == "Standard" and ann[AUTOSCALER_CLASS] == "external"
+        (so,) = _scaledobjects_for(isvc)
+        ref = so["spec"]["scaleTargetRef"]
+        assert (ref.get("apiVersion"), ref.get("kind")) == ("apps/v1", "Deployment")
+        targeted.add(ref["name"])
+        (trigger,) = so["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-streams"
+        assert meta["stream"] == _queue_stream(args.model_name) == "kandinsky:kandinsky:queue"
+        # streamLength (XLEN: queued + running) is KEDA's metric only without a consumerGroup.
+        assert "consumerGroup" not in meta and int(meta["streamLength"]) >= 1
+        from urllib.parse import urlsplit
+
+        url = urlsplit(args.redis_url)
+        # KEDA's operator lives in another namespace: the Service's name needs the namespace.
+        assert meta["address"] == f"{svc['metadata']['name']}.{NAMESPACE}.svc:{svc_port}"
+        assert int(meta.get("databaseIndex", "0")) == int(url.path.strip("/") or 0)
+        assert meta.get("enableTLS", "false") == ("true" if url.scheme == "rediss" else "false")
+        assert not {"password", "passwordFromEnv"} & meta.keys()
+        auth = _one("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
+            ("password", *_redis_secret_ref())}
+        spec = so["spec"]
+        # A worker may take its whole start-up budget (10-30 min) to start, longer than a request may wait
+        # in the queue: with no worker the first request would expire. Keep one warm.
+        startup = isvc["spec"]["predictor"]["model"]["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] > args.request_timeout
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], f"{name}: keep one worker warm"
+        comments = _comments_of(so)
+        assert "minReplicaCount" in comments and "start" in comments, f"{name}: say why minReplicaCount"
+        # No worker goes while a generation may still run: longer than the deadline, to zero or by the HPA.
+        assert spec["cooldownPeriod"] > args.request_timeout
+        scale_down = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] > args.request_timeout
+    assert targeted == {i["metadata"]["name"] + KSERVE_PREDICTOR_SUFFIX for i in workers}
+    assert len(_of_kind("ScaledObject")) == len(workers), "a ScaledObject for something else"
+
+
+async def test_the_stream_length_keda_reads_is_the_unfinished_requests(tmp_path: Path) -> None:
+    """XLEN of the queue stream counts exactly the requests queued or running: the server deletes an
+    entry when its request finishes (in any order) or when a queued one is cancelled."""
+    import asyncio
+    import time
+
+    from app.engine.jobs import Job
+    from app.engine.params import GenerationParams
+    from app.serving.core.types import ImageRequest, InstanceResult, RequestResult
+    from app.serving.queue.base import Work
+    from app.serving.queue.redis_conn import resolve
+    from app.serving.queue.redis_queue import RedisQueue
+    from tests.support import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    target = resolve(server.url, environ={})
+    api = RedisQueue(target, REPLICAS_MODEL_NAME, consumer="api")
+    worker = RedisQueue(target, REPLICAS_MODEL_NAME, consumer="w")
+    try:
+        stream = _one("ScaledObject", "kandinsky-worker")["spec"]["triggers"][0]["metadata"]["stream"]
+        xlen = target.client().xlen
+
+        def work(seed: int) -> Work:
+            params = GenerationParams(seed=seed, images_to_gen=1, images_to_cherry_pick=1, super_res=False)
+            now = time.monotonic()
+            return Work(ImageRequest((Job("кот", params),), 60.0, "v1"), enqueued=now, deadline=now + 60)
+
+        def done(seed: int) -> RequestResult:
+            return RequestResult([InstanceResult(images=["x"], format="jpeg", clip_scores=[0.5], ppl=[3.0],
+                                                 seed=seed, timings={})], queue_seconds=0.0)
+
+        works = [work(i) for i in range(4)]
+        for w in works:
+            await api.put(w)
+        assert xlen(stream) == 4  # queued
+        first, second = await asyncio.to_thread(worker.take, 2, wait=1.0)
+        assert xlen(stream) == 4  # 2 running + 2 queued
+        worker.finish(second, done(1))  # the later one finishes first
+        assert xlen(stream) == 3
+        # Why not KEDA's lagCount: Redis cannot count the entries not yet taken any more (2 are), and
+        # answers null, which KEDA reads as -1, no demand.
+        (group,) = target.client().xinfo_groups(stream)
+        assert group["pending"] == 1 and group["lag"] is None, group
+        api.cancel(works[3])  # a queued one
+        for _ in range(100):
+            if xlen(stream) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert xlen(stream) == 2
+        worker.finish(first, done(0))
+        (third,) = await asyncio.to_thread(worker.take, 1, wait=1.0)
+        worker.finish(third, done(2))
+        assert xlen(stream) == 0  # nothing left: KEDA sees no demand
+    finally:
+        await api.aclose()  # its event reader first: it would retry a stopped Redis forever
+        server.stop()
+
+
+def test_deploy_guide_many_replicas_section_matches_the_manifests() -> None:
+    text = _doc("docs/DEPLOY.md")
+    section = text.split("## 6a. ", 1)[1].split("\n## ", 1)[0]
+    flat = re.sub(r"\s+", " ", section)
+    # Every file of the layout is described.
+    for path in sorted({p for root in _roots() for _, p in _walk_kustomization(root)
+                        if K8S / "replicas" in p.parents or K8S / "redis" in p.parents}):
+        assert f"`{path.relative_to(REPO)}`" in section, f"6a does not describe {path.relative_to(REPO)}"
+    # The numbers it states are the manifests'.
+    worker = _isvc("kandinsky-worker")
+    args = _parse(_server_args(worker))
+    so = _one("ScaledObject", "kandinsky-worker")["spec"]
+    meta = so["triggers"][0]["metadata"]
+    conf = _redis_conf()
+    grace = worker["spec"]["predictor"]["terminationGracePeriodSeconds"]
+    for needle in (f"`--job_lease`, {args.job_lease:g} s", f"`--max_deliveries` ({args.max_deliveries})",
+                   f"`--drain_timeout` ({args.drain_timeout:g} s",
+                   f"`terminationGracePeriodSeconds: {grace}`",
+                   f"`minReplicaCount: {so['minReplicaCount']}`", f"`cooldownPeriod: {so['cooldownPeriod']}`",
+                   f'`streamLength: "{meta["streamLength"]}"`', f"`{meta['stream']}`",
+                   f"`--queue_size`, {args.queue_size}", f"`maxmemory {conf['maxmemory'][0]}`",
+                   f"`appendfsync {conf['appendfsync'][0]}`",
+                   f"`maxmemory-policy {conf['maxmemory-policy'][0]}`", f"`{meta['address']}`"):
+        assert needle in flat, f"6a does not say {needle}"
+    # What a Redis failure costs, as SPEC section 11 has it.
+    for needle in ("503 with `Retry-After` within 2 s", "`/v2/health/ready` is false",
+                   "`/v2/health/live` stays true", "A Redis restart", "A Redis crash"):
+        assert needle in flat, f"6a does not say {needle}"
+
+
 # ------------------------------------------------------------------- the docs' commands vs the manifests
 
 NAMESPACE = "kandinsky"  # the namespace README.md and docs/DEPLOY.md deploy into
@@ -981,7 +1548,9 @@ RESOURCE_KINDS = {
     "persistentvolumeclaim": "PersistentVolumeClaim", "secret": "Secret", "serviceaccount": "ServiceAccount",
     "sa": "ServiceAccount", "configmap": "ConfigMap", "cm": "ConfigMap", "podmonitor": "PodMonitor",
     "prometheusrule": "PrometheusRule", "prometheus": "Prometheus", "service": "Service", "svc": "Service",
-    "pod": "Pod", "pods": "Pod", "deployment": "Deployment",
+    "pod": "Pod", "pods": "Pod", "deployment": "Deployment", "statefulset": "StatefulSet",
+    "sts": "StatefulSet", "scaledobject": "ScaledObject", "so": "ScaledObject",
+    "hpa": "HorizontalPodAutoscaler", "triggerauthentication": "TriggerAuthentication",
     "node": "Node", "nodes": "Node", "namespace": "Namespace", "ns": "Namespace",
     "clusterservingruntime": "ClusterServingRuntime", "clusterservingruntimes": "ClusterServingRuntime",
 }
@@ -1113,7 +1682,7 @@ def _kubectl_problems(source: str, argv: list[str]) -> list[str]:
                 container = (flags.get("-c") or flags.get("--container") or [""])[0]
                 if len(names) > 1 and container not in names:
                     problems.append(f"{where}: the Job's pod has containers {names}: name one with -c")
-        elif kind in ("InferenceService", "Job") and name and not defined:
+        elif kind in ("InferenceService", "Job", "ScaledObject", "StatefulSet") and name and not defined:
             problems.append(f"{where}: no {kind} {name!r} in k8s/")
     else:
         return []
@@ -1176,4 +1745,5 @@ def test_deploy_guide_sets_front_timeouts_to_the_request_deadline() -> None:
     readme = re.sub(r"\s+", " ", _doc("README.md"))
     assert f"at least the {deadline} s request deadline" in readme
     for isvc in _of_kind("InferenceService"):
-        assert f"`timeout: {isvc['spec']['predictor']['timeout']}`" in para
+        if "timeout" in isvc["spec"]["predictor"]:  # Knative's revision timeout (the workers get no requests)
+            assert f"`timeout: {isvc['spec']['predictor']['timeout']}`" in para
