@@ -9,17 +9,21 @@ PORT ?= 8080
 MODEL ?= kandinsky
 TINY := model_store/tiny
 
-.PHONY: run test install lint typecheck pytest tiny generate weights verify docker-build bench-decode bench-decode-profile bench-gpu bench-load bench-throughput clean
+.PHONY: run test test-long install lint typecheck pytest tiny generate weights verify docker-build bench-decode bench-decode-profile bench-gpu bench-load bench-throughput clean
 
 ## run: install if needed, build the tiny random-weight model if missing, serve it on :8080 on the CPU
 run: $(VENV)/.installed $(TINY)/model.json
 	$(PY) -m app --model_name kandinsky --model_dir $(TINY) --http_port $(PORT) --device cpu --dtype fp32
 
-## test: install if needed, lint, type-check and run the whole test suite
+## test: install if needed, lint, type-check and run the test suite (all but the `long` tests; < 15 min on 2 cores)
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check app tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not long"
+
+## test-long: the `long` tests (about 6 min on 2 cores); CI runs them after `make test`
+test-long: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -m long
 
 install: $(VENV)/.installed
 

@@ -39,7 +39,7 @@ import pytest
 
 from tests.support import metric, pixels, serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 NAME = "kandinsky"
 PREDICT = f"/v1/models/{NAME}:predict"

@@ -147,6 +147,7 @@ def test_tritonclient_grpc_gets_the_named_outputs_with_v1_images(srv, reference)
     assert_same_as_v1(reference, images, got["clip_scores"], instance=got["instance"])
 
 
+@pytest.mark.long
 def test_a_response_over_kserves_8_mib_default_arrives(srv):
     # twenty 1024x1024 PNGs (RealESRGAN x4 of the tiny model's noise) are about 20 MB
     count = 20

@@ -36,7 +36,7 @@ from schemathesis.core.failures import Failure
 from app.serving.web.openapi import DOCS_STATIC_PATH, EVENT_STREAM, TITLE
 from tests.support import ROOT, free_port, start_server, wait_ready
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 NAME = "kandinsky"
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from app.serving.core.errors import NotFound
 from app.serving.core.schema import Limits, Schema
@@ -24,17 +21,9 @@ from app.serving.protocols.jobs import encode_data
 from app.serving.queue.redis_conn import resolve
 from app.serving.queue.redis_jobs import JobKeys, RedisJobs, RedisJobWriter
 from app.serving.queue.redis_queue import RedisQueue
-from tests.support import RedisServer
 
 RESULT_CHARS = 20_000
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path_factory.mktemp("redis-retention")).start()
-    yield srv
-    srv.stop()
 
 
 class Store:

@@ -37,19 +37,6 @@ JOBS = f"/v1/models/{NAME}/jobs"
 
 
 @pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path_factory.mktemp("redis-jobs")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model_dir: Path, redis_srv: RedisServer) -> Iterator[dict[str, Any]]:
-    with replica(tiny_model_dir, *flags(redis_srv, "api", "api-0")) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def worker(tiny_model_dir: Path, redis_srv: RedisServer) -> Iterator[dict[str, Any]]:
     with replica(tiny_model_dir, *flags(redis_srv, "worker", "worker-0")) as srv:
         yield srv

@@ -15,14 +15,10 @@ import base64
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
-import pytest
 
-from tests.support import RedisServer, in_process, metric, replica, replica_flags, seeded_body
+from tests.support import in_process, metric, replica, replica_flags, seeded_body
 
 body, flags = seeded_body, replica_flags
 
@@ -30,19 +26,6 @@ NAME = "kandinsky"
 PREDICT = f"/v1/models/{NAME}:predict"
 JOBS = f"/v1/models/{NAME}/jobs"
 LEASE_S = "2"
-
-
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model_dir: Path, redis_srv: RedisServer) -> Iterator[dict[str, Any]]:
-    with replica(tiny_model_dir, *flags(redis_srv, "api", "api-0")) as srv:
-        yield srv
 
 
 def images_of(response: httpx.Response) -> list[bytes]:

@@ -411,7 +411,10 @@ async def test_stop_finishes_queued_work_then_refuses_new_requests(fake, make_sc
     assert not sched.alive
 
 
-async def test_stop_answers_what_it_could_not_finish_in_time(fake, make_scheduler):
+async def test_stop_answers_what_it_could_not_finish_in_time(fake, make_scheduler, monkeypatch):
+    import app.serving.queue.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "STOP_JOIN_S", 0.1)  # the fake batch is held past stop()
     sched = make_scheduler()
     first = await hold_first_batch(fake, sched)
     queued = asyncio.create_task(sched.submit([job("queued")], timeout=10))

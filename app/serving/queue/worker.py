@@ -81,14 +81,13 @@ class WorkerThread:
         self._stopping = True
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._thread is not None and self._thread.is_alive():
-            # Out of time: closing gives up what is left (a shared queue hands it back and cancels it
-            # here, so its rows leave at the next step); a thread still inside torch at interpreter exit
-            # can abort the process.
-            self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
-            self._thread.join(STOP_JOIN_S)
         self._after_join()
         self.queue.close(ShuttingDown("the server is shutting down; retry on another replica"))
+        if self._thread is not None and self._thread.is_alive():
+            # Out of time: closing gave up what is left (a shared queue hands it back and cancels it
+            # here, so its rows leave at the next step); a thread still inside torch at interpreter exit
+            # can abort the process.
+            self._thread.join(STOP_JOIN_S)
         if self._thread is not None and self._thread.is_alive():
             log.warning("worker: generations were still running after %.0f s; not waiting for them", timeout)
 

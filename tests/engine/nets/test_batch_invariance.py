@@ -44,6 +44,8 @@ from app.engine.nets.invariance import row_floor
 from app.engine.nets.kv_cache import window_table
 from app.engine.nets.sampling import filter_logits, request_uniforms, sample_tokens
 
+pytestmark = pytest.mark.long  # about 2 min on 2 cores: `make test-long`
+
 SIZES = range(1, 25)  # every batch size compared
 # At 3840 a product costs tens of ms: sizes on both sides of MKL's kernel changes (11 and 16 rows).
 WIDE_SIZES = (1, 2, 3, 5, 8, 10, 11, 15, 16, 17)
