@@ -114,6 +114,21 @@ def check_redis(args: argparse.Namespace) -> None:
         raise SettingsError(str(exc)) from None
 
 
+def check_api_keys(args: argparse.Namespace) -> None:
+    """--api_keys reads and parses (the error names the line, never a token); tenant bounds >= 0."""
+    for flag in ("tenant_queue_size", "tenant_max_jobs", "tenant_max_job_bytes"):
+        if getattr(args, flag) < 0:
+            raise SettingsError(f"--{flag}: must be >= 0 (0: no bound of its own), got {getattr(args, flag)}")
+    if not args.api_keys:
+        return
+    from app.serving.core.tenants import ApiKeys, KeysFileError
+
+    try:
+        ApiKeys.load(args.api_keys)
+    except KeysFileError as exc:
+        raise SettingsError(f"--api_keys: {exc}") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Check every flag of ours and the model directory; raises SettingsError with a one-line message."""
     model_dir = Path(args.model_dir)
@@ -156,6 +171,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if args.workers != 1:
         raise SettingsError("--workers: must be 1 (one process owns the GPUs; batching happens inside it)")
     check_redis(args)
+    check_api_keys(args)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)}
     return ServerSettings(**{**given, "model_dir": str(model_dir), "device": device})
 

@@ -184,3 +184,18 @@ class Conflict(ServiceError):
     reused with another body): 409."""
 
     status = 409
+
+
+class Unauthenticated(ServiceError):
+    """No valid API key (401 with `WWW-Authenticate: Bearer`); the message never quotes what was sent."""
+
+    status = 401
+
+
+class TenantQueueFull(ServiceError):
+    """The caller's tenant has `--tenant_queue_size` requests waiting already (429 with Retry-After)."""
+
+    status = 429
+
+    def retry_after(self) -> int | None:
+        return RETRY_AFTER_S

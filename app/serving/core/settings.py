@@ -95,6 +95,22 @@ class ServerSettings:
         3, "Times work is started at most (with --redis_url) when its workers keep being lost; then it "
         "fails saying so."
     )
+    api_keys: str = _flag(
+        "",
+        "File of API keys, one `TENANT TOKEN` (or `TENANT sha256:HEX`, optionally `weight=N`) per line, "
+        "reread when it changes: every generating and job route then needs `Authorization: Bearer "
+        "TOKEN`, and each tenant sees only its own jobs. Empty: no keys asked for.",
+    )
+    tenant_queue_size: int = _flag(
+        0, "Requests one tenant may have waiting; beyond: 429 with Retry-After. 0: only --queue_size."
+    )
+    tenant_max_jobs: int = _flag(
+        0, "Finished jobs kept per tenant at most (its oldest dropped first); 0: only --max_jobs."
+    )
+    tenant_max_job_bytes: int = _flag(
+        0, "Bytes of results kept per tenant at most (its oldest result expires first); 0: only "
+        "--max_job_bytes."
+    )
     log_format: str = _flag(
         "text",
         "text: one human-readable line per record; json: one JSON object per line.",
