@@ -115,6 +115,10 @@ bench-continuous: $(VENV)/.installed
 .PHONY: bench-redis
 bench-redis: $(VENV)/.installed
 	$(PY) bench/redis_queue.py --requests 300 --out out/bench-redis-queue.json
+## bench-fairness: a small tenant's wait behind a large one's backlog, fair queue against first in, first out
+.PHONY: bench-fairness
+bench-fairness: $(VENV)/.installed
+	$(PY) bench/fairness.py --backlog 6 --out out/bench-fairness.json
 bench-load: $(VENV)/.installed
 	$(PY) bench/load.py
 bench-throughput: $(VENV)/.installed

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,35 +33,14 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from app.tools.tiny import build_tiny_model_dir  # noqa: E402
+from bench.server import start as start_server  # noqa: E402
 
 LOADS = (0.5, 1.0, 2.0)  # arrivals per second, as a fraction of one-at-a-time capacity
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(model_dir: Path, continuous: bool, max_batch: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
     flag = "--continuous_batching" if continuous else "--no-continuous_batching"
-    cmd = [sys.executable, "-m", "app", "--model_dir", str(model_dir), "--device", "cpu", "--http_port",
-           str(port), "--http_host", "127.0.0.1", "--enable_grpc", "false", "--max_batch_images",
-           str(max_batch), flag]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models/kandinsky", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not become ready")
+    return start_server(model_dir, "--max_batch_images", str(max_batch), flag)
 
 
 async def post(client: httpx.AsyncClient, url: str, images: int, seed: int, after: float = 0.0

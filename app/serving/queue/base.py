@@ -54,7 +54,8 @@ class WorkQueue(Protocol):
     # ---- the service's side -----------------------------------------------------------------------
 
     async def put(self, work: Work, listener: Listener | None = None) -> None:
-        """Queue work; QueueFull or ShuttingDown when it cannot be taken. `listener` hears its events."""
+        """Queue work; QueueFull or ShuttingDown when it cannot be taken, TenantQueueFull when its tenant
+        has its bound of work waiting. `listener` hears its events."""
         ...
 
     async def outcome(self, work: Work) -> RequestResult:
@@ -92,8 +93,9 @@ class WorkQueue(Protocol):
     # ---- the worker's side ------------------------------------------------------------------------
 
     def take(self, max_images: int, *, wait: float = 0.0) -> list[Work]:
-        """Queued work of at most `max_images` images in all (one larger item alone), first in first
-        out; waits up to `wait` seconds for some to arrive (0: never blocks). Expired and cancelled
+        """Queued work of at most `max_images` images in all (one larger item alone), in fair order
+        between tenants (queue/fair.py; first in, first out within one); waits up to `wait` seconds
+        for some to arrive (0: never blocks). Expired and cancelled
         work is dropped on the way (expired work answered DeadlineExceeded)."""
         ...
 

@@ -2,13 +2,17 @@
 replica loses nothing. docs/ARCHITECTURE.md ("Many replicas as one service") has the design.
 
 - The queue is a Stream (`<prefix>queue`) with the consumer group `workers`; `<prefix>waiting` counts the
-  entries not yet taken, so `--queue_size` bounds the whole service (one Lua script checks and adds).
+  entries not yet taken, so `--queue_size` bounds the whole service (one Lua script checks and adds), and
+  `<prefix>fair@<tenant>` holds each tenant's (`--tenant_queue_size`, 429).
+- The entries are tickets: a worker that reads one claims with it the request first in the fair order
+  between tenants (`<prefix>fair`, a sorted set by virtual-time tag, queue/fair.py), so tenants are
+  served in turn weighted by images across every replica (redis_scripts.py explains the ticket swap).
 - Each request has a hash `<prefix>work:<id>`: the typed request as JSON, its absolute deadline, its
   state (queued, running, cancelled, done), owner and fencing token, and a Stream of its events
   `<prefix>events:<id>` (started, progress, result, error). The replica that holds the client's
   connection reads that stream (one `XREAD` for all the requests it waits on) and answers from it.
-- A worker takes one entry at a time (`XREADGROUP`) and claims it with a script that moves it from
-  queued to running and increments its token; every later write of that run (progress, result,
+- A worker takes one entry at a time (`XREADGROUP`) and claims with it a script that moves a request
+  from queued to running and increments its token; every later write of that run (progress, result,
   error) goes through a script that checks the token, so a worker that lost its lease cannot write
   over the new owner's result. Leases are the group's pending entries: the worker renews its own
   (`XCLAIM ... JUSTID`) while it runs them; a sweep on every worker takes over entries idle past the
@@ -35,7 +39,7 @@ from typing import Any, Protocol
 import redis
 
 from app.serving.core import errors
-from app.serving.core.errors import QueueFull, ServiceError, ShuttingDown
+from app.serving.core.errors import QueueFull, ServiceError, ShuttingDown, TenantQueueFull
 from app.serving.core.types import (
     Event,
     JobRecord,
@@ -45,6 +49,7 @@ from app.serving.core.types import (
 )
 from app.serving.queue import redis_scripts as scripts
 from app.serving.queue.base import Work, await_answer
+from app.serving.queue.fair import Weights, equal_weights
 from app.serving.queue.observer import NULL_OBSERVER, QueueObserver
 from app.serving.queue.redis_conn import RedisTarget
 from app.serving.queue.redis_wire import (
@@ -109,13 +114,16 @@ class RedisQueue:
 
     def __init__(self, target: RedisTarget, model: str, *, queue_size: int = 32, lease_s: float = 30.0,
                  max_deliveries: int = 3, keep_s: float = 3600.0, consumer: str = "worker",
-                 observer: QueueObserver = NULL_OBSERVER) -> None:
+                 observer: QueueObserver = NULL_OBSERVER, tenant_queue_size: int = 0,
+                 weights: Weights = equal_weights) -> None:
         self.target, self.queue_size, self.lease_s = target, queue_size, lease_s
+        self.tenant_queue_size, self.weights = tenant_queue_size, weights
         self.max_deliveries, self.keep_s, self.consumer = max_deliveries, keep_s, consumer
         self.observer = observer
         self.prefix = f"kandinsky:{model}:"
         self.stream = self.prefix + "queue"
         self.waiting_key = self.prefix + "waiting"
+        self.fair_key, self.entries_key = self.prefix + "fair", self.prefix + "entries"
         self.cancel_channel = self.prefix + "cancel"
         # Any: redis-py's reply types are unions of every reply shape; the replies are read as documented.
         self._aio: Any = None
@@ -133,9 +141,14 @@ class RedisQueue:
         self._sync: Any = None
         self._held: dict[str, Held] = {}
         self.job_writer: JobWriter | None = None  # jobs kept in Redis (set when they are)
-        self._reclaimed: list[tuple[str, str]] = []  # (entry, id) taken over from a lapsed lease
+        self._reclaimed: list[str] = []  # tickets taken over from a lapsed lease
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+
+    def queue_keys(self, tenant: str | None = None) -> list[str]:
+        """The keys every queue script takes first, in redis_scripts' order, with `tenant`'s sorted set."""
+        return [self.waiting_key, self.stream, self.fair_key, self.prefix + "clock",
+                f"{self.prefix}fair@{tenant or ''}", self.entries_key]
 
     def work_key(self, work_id: str) -> str:
         return f"{self.prefix}work:{work_id}"
@@ -168,9 +181,11 @@ class RedisQueue:
         if not self._accepting:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         now_unix, now = time.time(), time.monotonic()
-        keys = [self.waiting_key, self.stream, self.work_key(work.id), *more_keys]
+        tenant = work.request.tenant
+        keys = [*self.queue_keys(tenant), self.work_key(work.id), *more_keys]
         args = [self.queue_size, work.id, request_to_json(work.request), work.images, now_unix,
-                now_unix + (work.deadline - now), int(self.keep_s + work.deadline - now), *more_args]
+                now_unix + (work.deadline - now), int(self.keep_s + work.deadline - now), tenant or "",
+                repr(work.images / self.weights(tenant)), self.tenant_queue_size, *more_args]
         t0 = time.perf_counter()
         try:
             reply = await self.aio_client().eval(script, len(keys), *keys, *args)
@@ -180,6 +195,9 @@ class RedisQueue:
         self.observer.redis_call(time.perf_counter() - t0, ok=True)
         if reply is None:
             raise QueueFull(f"the queue is full ({self.queue_size} requests waiting); retry later")
+        if bytes(reply).startswith(b"tenant:"):
+            raise TenantQueueFull(f"this tenant has {int(reply[7:])} requests waiting (the most one tenant "
+                                  "may queue, --tenant_queue_size); retry later")
         return bytes(reply)
 
     async def outcome(self, work: Work) -> RequestResult:
@@ -191,10 +209,10 @@ class RedisQueue:
         if waiter is not None and not waiter.future.done():
             waiter.future.cancel()
         self._waiters.pop(work.id, None)
-        asyncio.ensure_future(self._cancel(work.id))
+        asyncio.ensure_future(self._cancel(work.id, work.request.tenant))
 
-    async def _cancel(self, work_id: str) -> None:
-        keys = [self.work_key(work_id), self.stream, self.waiting_key]
+    async def _cancel(self, work_id: str, tenant: str | None) -> None:
+        keys = [self.work_key(work_id), *self.queue_keys(tenant)]
         try:
             await self.aio_client().eval(scripts.CANCEL, len(keys), *keys, work_id, self.cancel_channel)
         except redis.RedisError:
@@ -204,15 +222,9 @@ class RedisQueue:
         return await self.position_of(work.id)
 
     async def position_of(self, work_id: str) -> int | None:
-        try:
-            client = self.aio_client()
-            state, entry = await client.hmget(self.work_key(work_id), ["state", "entry"])
-            if state != b"queued" or entry is None:
-                return None
-            groups = await client.xinfo_groups(self.stream)
-            last = next((g["last-delivered-id"] for g in groups if g["name"] == GROUP.encode()), b"0-0")
-            ahead = await client.xrange(self.stream, b"(" + last, b"(" + entry, count=self.queue_size)
-            return len(ahead)
+        try:  # its place in the fair order
+            rank = await self.aio_client().zrank(self.fair_key, work_id)
+            return None if rank is None else int(rank)
         except redis.RedisError as exc:
             raise unavailable(exc) from None
 
@@ -350,18 +362,15 @@ class RedisQueue:
             client = self._worker_client()
             while images < max_images and not self._closed:
                 with self._lock:
-                    reclaimed = self._reclaimed.pop(0) if self._reclaimed else None
-                if reclaimed is not None:
-                    entry, wid = reclaimed
-                else:
+                    entry = self._reclaimed.pop(0) if self._reclaimed else None
+                if entry is None:
                     got = client.xreadgroup(GROUP, self.consumer, {self.stream: ">"}, count=1, block=block)
                     if not got:
                         self._next_poll = time.monotonic() + POLL_S
                         break
-                    entry_b, fields = got[0][1][0]
-                    entry, wid = entry_b.decode(), fields[b"id"].decode()
+                    entry = got[0][1][0][0].decode()
                 block = None
-                work = self._claim(client, entry, wid)
+                work = self._claim(client, entry)
                 if work is not None:
                     taken.append(work)
                     images += work.images
@@ -377,11 +386,14 @@ class RedisQueue:
                 time.sleep(min(wait, TAKE_BACKOFF_S))
         return taken
 
-    def _claim(self, client: Any, entry: str, wid: str) -> Work | None:
-        keys = [self.work_key(wid), self.stream, self.waiting_key]
-        token = client.eval(scripts.CLAIM, len(keys), *keys, entry, self.consumer, GROUP)
-        if token is None:
+    def _claim(self, client: Any, entry: str) -> Work | None:
+        """Claim with a ticket (read or taken over) the request first in the fair order, or the running
+        request the ticket already held; None when the ticket was void (its request cancelled)."""
+        keys = self.queue_keys()
+        claimed = client.eval(scripts.CLAIM, len(keys), *keys, entry, self.consumer, GROUP, self.prefix)
+        if claimed is None:
             return None
+        wid, token = claimed[0].decode(), claimed[1]
         raw = client.hgetall(self.work_key(wid))
         deliveries = int(raw.get(b"deliveries", b"1"))
         self.observer.delivery(takeover=deliveries > 1, exhausted=deliveries > self.max_deliveries)
@@ -394,7 +406,8 @@ class RedisQueue:
         if raw.get(b"job") and writer is not None:
             held.job = writer.load(client, wid)
             if held.job is None or held.job.done:  # expired, or ended (cancelled) meanwhile
-                client.eval(scripts.RELEASE, 2, self.work_key(wid), self.stream, held.token, GROUP)
+                client.eval(scripts.RELEASE, 3, self.work_key(wid), self.stream, self.entries_key,
+                            held.token, GROUP)
                 return None
             work.wants_previews = lambda: writer.watched(self._worker_client(), wid)
         with self._lock:
@@ -413,7 +426,7 @@ class RedisQueue:
         return work
 
     def _write(self, client: Any, held: Held, kind: str, data: str, *, final: bool) -> bool:
-        keys = [self.work_key(held.work.id), self.events_key(held.work.id), self.stream]
+        keys = [self.work_key(held.work.id), self.events_key(held.work.id), self.stream, self.entries_key]
         args = [held.token, kind, data, "1" if final else "0", EVENTS_MAXLEN, GROUP, int(self.keep_s)]
         return bool(client.eval(scripts.WRITE, len(keys), *keys, *args))
 
@@ -485,13 +498,14 @@ class RedisQueue:
                 for entry_b, fields in lapsed:
                     if not fields:
                         continue  # removed from the stream (finished or cancelled) meanwhile
-                    entry, wid = entry_b.decode(), fields[b"id"].decode()
-                    delivered = int(client.hget(self.work_key(wid), "deliveries") or 0)
+                    entry = entry_b.decode()
+                    wid = client.hget(self.entries_key, entry)
+                    delivered = int(client.hget(self.work_key(wid.decode()), "deliveries") or 0) if wid else 0
                     if delivered >= self.max_deliveries:
-                        self._claim(client, entry, wid)  # fails it, saying why, without running it
+                        self._claim(client, entry)  # fails it, saying why, without running it
                         continue
                     with self._lock:
-                        self._reclaimed.append((entry, wid))
+                        self._reclaimed.append(entry)
             except redis.RedisError:
                 log.warning("renewing leases in Redis failed; retrying", exc_info=True)
 
@@ -510,7 +524,8 @@ class RedisQueue:
             elif h.work.cancelled:
                 with self._lock:
                     self._held.pop(h.work.id, None)
-                client.eval(scripts.RELEASE, 2, self.work_key(h.work.id), self.stream, h.token, GROUP)
+                client.eval(scripts.RELEASE, 3, self.work_key(h.work.id), self.stream, self.entries_key,
+                            h.token, GROUP)
         with self._lock:
             return list(self._held.values())
 
