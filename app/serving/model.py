@@ -14,11 +14,12 @@ import kserve
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from app.serving.core.card import build_card
-from app.serving.core.errors import NotReady, ShuttingDown
+from app.serving.core.errors import NotReady, ShuttingDown, Unauthenticated
 from app.serving.core.jobs import Jobs
 from app.serving.core.schema import Limits, Schema
 from app.serving.core.service import Service
 from app.serving.core.settings import ServerSettings
+from app.serving.core.tenants import ApiKeys
 from app.serving.observability import metrics
 from app.serving.observability.metrics import PrometheusJobObserver, PrometheusObserver
 from app.serving.protocols import jobs as jobs_protocol
@@ -28,7 +29,7 @@ from app.serving.queue.local import LocalQueue
 from app.serving.queue.loop_worker import LoopWorker
 from app.serving.queue.memory_jobs import MemoryJobStore
 from app.serving.queue.redis_conn import resolve
-from app.serving.queue.redis_jobs import RedisJobs, RedisJobWriter
+from app.serving.queue.redis_jobs import RedisJobs, RedisJobWriter, Retention
 from app.serving.queue.redis_queue import RedisQueue
 from app.serving.queue.worker import BatchWorker
 
@@ -46,19 +47,26 @@ class KandinskyModel(kserve.Model):
         self.worker: BatchWorker | LoopWorker | None = None
         self.service = Service(name, timeout_s=s.request_timeout)
         self.replica = s.replica_name or socket.gethostname()
+        # API keys (SPEC section 12): read now, so that a bad file stops start-up naming the line
+        self.keys = ApiKeys.load(s.api_keys) if s.api_keys else None
+        if self.keys is not None:
+            self.keys.start()  # rereads the file when it changes (a mounted Secret updates in place)
+            keys = self.keys
+            metrics.API_KEYS_FILE_OK.set_function(lambda: float(keys.file_ok))
         self.jobs: Jobs | RedisJobs
         if s.redis_url:  # jobs live in Redis with the queue (attach() gives the workers their writer)
-            self.jobs = RedisJobs(self.service, ttl=s.job_ttl, max_finished=s.max_jobs,
-                                  max_result_bytes=s.max_job_bytes, encode_data=jobs_protocol.encode_data,
-                                  observer=PrometheusJobObserver())
+            self.jobs = RedisJobs(self.service, retention=self.retention(),
+                                  encode_data=jobs_protocol.encode_data, observer=PrometheusJobObserver())
         else:
             store = MemoryJobStore(ttl=s.job_ttl, max_finished=s.max_jobs, max_result_bytes=s.max_job_bytes,
+                                   tenant_max_finished=s.tenant_max_jobs,
+                                   tenant_max_result_bytes=s.tenant_max_job_bytes,
                                    observer=PrometheusJobObserver())
             self.jobs = Jobs(self.service, store, ttl=s.job_ttl, encode=jobs_protocol.encode_event,
                              worker=self.replica)
         metrics.JOB_RESULT_BYTES.set_function(self.jobs.result_bytes if isinstance(self.jobs, RedisJobs)
                                               else store.result_bytes)
-        self.context = ProtocolContext(name, self.service, self.jobs, s, self.card)
+        self.context = ProtocolContext(name, self.service, self.jobs, s, self.card, self.keys)
 
     def load(self) -> bool:
         """Load every component, start the GPU worker, and only then report ready."""
@@ -91,14 +99,15 @@ class KandinskyModel(kserve.Model):
             target = resolve(s.redis_url, s.redis_password_file or None)
             queue = RedisQueue(target, self.name, queue_size=s.queue_size, lease_s=s.job_lease,
                                max_deliveries=s.max_deliveries, keep_s=s.job_ttl,
-                               consumer=self.replica, observer=observer)
-            queue.job_writer = RedisJobWriter(queue, jobs_protocol.encode_data, ttl=s.job_ttl,
-                                              max_finished=s.max_jobs, max_result_bytes=s.max_job_bytes,
+                               consumer=self.replica, observer=observer,
+                               tenant_queue_size=s.tenant_queue_size, weights=self.weight)
+            queue.job_writer = RedisJobWriter(queue, jobs_protocol.encode_data, retention=self.retention(),
                                               worker=self.replica, observer=PrometheusJobObserver())
             log.info("queue on Redis %s (password from %s), role %s", target.redacted, target.password_from,
                      s.role)
         else:
-            queue = LocalQueue(s.queue_size, observer)
+            queue = LocalQueue(s.queue_size, observer, tenant_queue_size=s.tenant_queue_size,
+                               weights=self.weight)
         if s.role == "api":
             self.worker = None
             self.service.open(queue, schema, lambda: True)  # alive: nothing here can break but the loop
@@ -156,10 +165,33 @@ class KandinskyModel(kserve.Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
-        """A v1 body gets the v1 answer; a v2 `InferRequest` (REST infer or gRPC ModelInfer) the v2 one."""
+        """A v1 body gets the v1 answer; a v2 `InferRequest` (REST infer or gRPC ModelInfer) the v2 one.
+        With API keys, the caller's tenant comes from the `authorization` header (REST) or metadata
+        (gRPC), which KServe passes here; the HTTP middleware and the gRPC interceptor refused a missing
+        or unknown key already, and this refuses one that a reload removed meanwhile."""
+        tenant = self.tenant_of(headers)
         if isinstance(payload, InferRequest):
-            return await v2.infer(self.service, self.name, payload)
-        return await v1.predict(self.service, payload)
+            return await v2.infer(self.service, self.name, payload, tenant)
+        return await v1.predict(self.service, payload, tenant)
+
+    def retention(self) -> Retention:
+        s = self.settings
+        return Retention(s.job_ttl, s.max_jobs, s.max_job_bytes, s.tenant_max_jobs, s.tenant_max_job_bytes)
+
+    def weight(self, tenant: str | None) -> float:
+        """A tenant's weight in the fair queue (the keys file's `weight=N`; 1 without one)."""
+        return self.keys.weight(tenant) if self.keys is not None else 1.0
+
+    def tenant_of(self, headers: dict[str, str] | None) -> str | None:
+        """The tenant a request's headers authenticate; None without API keys; Unauthenticated (401)
+        when keys are asked for and none matches."""
+        if self.keys is None:
+            return None
+        value = next((v for k, v in (headers or {}).items() if k.lower() == "authorization"), None)
+        tenant = self.keys.authenticate(value)
+        if tenant is None:
+            raise Unauthenticated("a valid API key is required: send Authorization: Bearer <key>")
+        return tenant.name
 
     def get_input_types(self) -> list[dict[str, Any]]:
         """The v2 inputs (name, datatype, shape) for KServe's model metadata, REST and gRPC."""

@@ -34,8 +34,9 @@ FLOOD = 300
 # ---- the store, in-process ------------------------------------------------------------------------------
 
 
-def finished(store: MemoryJobStore, job_id: str, status: JobStatus, result_bytes: int = 0) -> JobRecord:
-    record = JobRecord(job_id, "f", None, 0.0, [1])
+def finished(store: MemoryJobStore, job_id: str, status: JobStatus, result_bytes: int = 0,
+             tenant: str | None = None) -> JobRecord:
+    record = JobRecord(job_id, "f", None, 0.0, [1], tenant=tenant)
     store.add(record)
     record.status, record.finished_at = status, time.monotonic()
     if result_bytes:
@@ -74,6 +75,31 @@ async def test_the_count_bound_drops_cancelled_then_failed_jobs_before_any_kept_
     store.expire()
     assert store.get("kept") is kept and store.result_bytes() == 100
     assert {r.status for r in store.recent()} == {JobStatus.SUCCEEDED, JobStatus.FAILED}
+
+
+async def test_one_tenant_s_flood_drops_its_own_jobs_and_never_another_s_results():
+    store = MemoryJobStore(ttl=60, max_finished=6, max_result_bytes=1000)
+    theirs = [finished(store, f"b{n}", JobStatus.SUCCEEDED, 300, tenant="B") for n in range(2)]
+    mine = [finished(store, f"a{n}", JobStatus.SUCCEEDED, 300, tenant="A") for n in range(3)]
+    # Over 1000 bytes, A (holding as much as B or more, and the newcomer) loses its oldest, never B's
+    assert [r.holds_result for r in mine] == [False, False, True] and all(r.holds_result for r in theirs)
+    for n in range(20):
+        finished(store, f"a-cancelled-{n}", JobStatus.CANCELLED, tenant="A")
+    store.expire()
+    assert all(store.get(r.id) is r and r.holds_result for r in theirs)
+    assert len(store.recent(tenant="A")) == 4 and store.result_bytes() == 900
+    assert [r.id for r in store.recent(tenant="A")] == ["a-cancelled-19", "a2", "a1", "a0"]
+
+
+async def test_a_tenant_s_own_bounds_hold_while_the_totals_are_not_reached():
+    store = MemoryJobStore(ttl=60, max_finished=100, max_result_bytes=10_000, tenant_max_finished=3,
+                           tenant_max_result_bytes=500)
+    other = finished(store, "b", JobStatus.SUCCEEDED, 400, tenant="B")
+    mine = [finished(store, f"a{n}", JobStatus.SUCCEEDED, 400, tenant="A") for n in range(4)]
+    store.expire()
+    assert store.get("a0") is None and other.holds_result  # beyond A's three finished jobs
+    assert [r.holds_result for r in mine[1:]] == [False, False, True]  # within A's 500 bytes
+    assert store.result_bytes() == 800
 
 
 # ---- the real server --------------------------------------------------------------------------------------

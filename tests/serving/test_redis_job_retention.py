@@ -4,7 +4,9 @@ the worker side (`RedisJobWriter` through `RedisQueue`) against a real `redis-se
 - the count bound drops cancelled jobs first, then failed ones, never a kept result while those remain;
 - the byte bound expires the oldest result first: its record stays, says `result_expired`, and a late
   stream ends with that record; a result larger than the whole bound is not kept at all;
-- past the TTL a job is gone from get and the listing, and its Idempotency-Key names nothing.
+- past the TTL a job is gone from get and the listing, and its Idempotency-Key names nothing;
+- with tenants (SPEC section 12), one tenant's flood drops its own jobs, never another's results, and a
+  tenant's own bounds hold even while the totals are not reached.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from app.serving.core.service import Service
 from app.serving.core.types import InstanceResult, RequestResult
 from app.serving.protocols.jobs import encode_data
 from app.serving.queue.redis_conn import resolve
-from app.serving.queue.redis_jobs import JobKeys, RedisJobs, RedisJobWriter
+from app.serving.queue.redis_jobs import JobKeys, RedisJobs, RedisJobWriter, Retention
 from app.serving.queue.redis_queue import RedisQueue
 
 RESULT_CHARS = 20_000
@@ -29,20 +31,20 @@ _names = itertools.count()
 class Store:
     """One model's jobs on Redis, both sides in this process."""
 
-    def __init__(self, url: str, *, ttl: float = 3600, max_finished: int = 100, max_bytes: int = 1 << 30):
+    def __init__(self, url: str, *, ttl: float = 3600, max_finished: int = 100, max_bytes: int = 1 << 30,
+                 tenant_max_finished: int = 0, tenant_max_bytes: int = 0):
         model = f"m{next(_names)}"
         self.queue = RedisQueue(resolve(url, None), model, lease_s=30, keep_s=ttl)
         self.service = Service(model, timeout_s=600)
         self.service.open(self.queue, Schema(Limits(16, 64)), lambda: True)
-        self.jobs = RedisJobs(self.service, ttl=ttl, max_finished=max_finished, max_result_bytes=max_bytes,
-                              encode_data=encode_data)
-        self.queue.job_writer = RedisJobWriter(self.queue, encode_data, ttl=ttl, max_finished=max_finished,
-                                               max_result_bytes=max_bytes, worker="w-0")
+        retention = Retention(ttl, max_finished, max_bytes, tenant_max_finished, tenant_max_bytes)
+        self.jobs = RedisJobs(self.service, retention=retention, encode_data=encode_data)
+        self.queue.job_writer = RedisJobWriter(self.queue, encode_data, retention=retention, worker="w-0")
         self.keys = JobKeys(self.queue.prefix)
 
-    async def submit(self, seed: int, key: str | None = None) -> str:
+    async def submit(self, seed: int, key: str | None = None, tenant: str | None = None) -> str:
         payload = {"instances": [{"query": "кот", "params": {"seed": seed, "images_to_gen": 1}}]}
-        record, _ = await self.jobs.submit(payload, key)
+        record, _ = await self.jobs.submit(payload, key, tenant)
         return record.id
 
     def run(self, *, fail: bool = False, chars: int = RESULT_CHARS) -> str:
@@ -59,9 +61,9 @@ class Store:
             self.queue.finish(work, RequestResult([image], queue_seconds=0.0))
         return work.id
 
-    async def status(self, job_id: str) -> str | None:
+    async def status(self, job_id: str, tenant: str | None = None) -> str | None:
         try:
-            return (await self.jobs.get(job_id)).status.value
+            return (await self.jobs.get(job_id, tenant)).status.value
         except NotFound:
             return None
 
@@ -151,3 +153,53 @@ def test_past_the_ttl_a_job_and_its_idempotency_key_are_gone(redis_srv):
 
     run(scenario())
 
+
+
+def test_one_tenant_s_flood_drops_its_own_jobs_and_never_another_s_results(redis_srv):
+    size = result_size()
+
+    async def scenario() -> None:
+        store = Store(redis_srv.url, max_finished=6, max_bytes=int(size * 4.5))
+        theirs = [await store.submit(n, tenant="B") for n in range(2)]
+        for _ in theirs:
+            store.run()
+        mine = [await store.submit(10 + n, tenant="A") for n in range(5)]
+        for _ in mine:
+            store.run()  # A's results push the bytes over: A, holding the most, loses its oldest
+        for n in range(20):  # then a flood of submit-and-cancel
+            job_id = await store.submit(100 + n, tenant="A")
+            await store.jobs.cancel(await store.jobs.get(job_id, "A"))
+        for job_id in theirs:
+            record = await store.jobs.get(job_id, "B")
+            assert record.holds_result and not record.result_expired
+        assert await store.status(theirs[0]) is None  # another tenant's job is a 404 (isolation)
+        assert len(await store.jobs.recent(tenant="A")) == 4 and len(await store.jobs.recent(tenant="B")) == 2
+        # A keeps its newest two results and, of its expired ones, the newest two records, beside one
+        # cancelled job: its first expired record went with its 19 oldest cancelled ones
+        assert [await store.status(job_id, "A") for job_id in mine] == [None] + ["succeeded"] * 4
+        kept = [job_id for job_id in mine[1:] if (await store.jobs.get(job_id, "A")).holds_result]
+        assert kept == mine[3:]
+        assert int(await store.queue.aio_client().get(store.keys.result_bytes)) == 4 * size
+        await store.close()
+
+    run(scenario())
+
+
+def test_a_tenant_s_own_bounds_hold_while_the_totals_are_not_reached(redis_srv):
+    size = result_size()
+
+    async def scenario() -> None:
+        store = Store(redis_srv.url, tenant_max_finished=3, tenant_max_bytes=int(size * 1.5))
+        other = await store.submit(0, tenant="B")
+        store.run()
+        mine = [await store.submit(n, tenant="A") for n in range(1, 5)]
+        for _ in mine:
+            store.run()
+        assert (await store.jobs.get(other, "B")).holds_result
+        assert await store.status(mine[0], "A") is None  # beyond A's 3 finished jobs
+        left = [await store.jobs.get(job_id, "A") for job_id in mine[1:]]
+        assert [r.holds_result for r in left] == [False, False, True]  # within 1.5 results of A's
+        assert all(r.result_expired for r in left[:2])
+        await store.close()
+
+    run(scenario())

@@ -47,7 +47,7 @@ class JobService(Protocol):
     async def submit(self, payload: Any, idempotency_key: str | None, tenant: str | None = None
                      ) -> tuple[JobRecord, bool]: ...
 
-    async def get(self, job_id: str) -> JobRecord: ...
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord: ...
 
     async def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
                      ) -> list[JobRecord]: ...
@@ -134,10 +134,11 @@ class Jobs:
 
     # ---- queries and cancel -----------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The job of that id if it is `tenant`'s; another tenant's job is as unknown as a missing one."""
         record = self.store.get(job_id)
-        if record is None:
-            raise NotFound(f"job {job_id!r} is unknown or expired (finished jobs are kept {self.ttl:g} s)")
+        if record is None or record.tenant != tenant:
+            raise not_found(job_id, self.ttl)
         return record
 
     async def recent(self, limit: int | None = None, tenant: str | None = None, before: int | None = None
@@ -274,6 +275,11 @@ def on_final(record: JobRecord, status: JobStatus, *, result: RequestResult | No
     data: Any = result if status == JobStatus.SUCCEEDED else error if status == JobStatus.FAILED else None
     return JobEvent(JobEventName(status.value),
                     data if data is not None else dataclasses.replace(record, queue_position=None))
+
+
+def not_found(job_id: str, ttl: float) -> NotFound:
+    """The 404 of a job id that is unknown, expired or another tenant's (one message for all three)."""
+    return NotFound(f"job {job_id!r} is unknown or expired (finished jobs are kept {ttl:g} s)")
 
 
 def fingerprint(payload: Any) -> str:

@@ -3,11 +3,14 @@ of pending events.
 
 Retention (swept on a timer too, so that memory and the gauges follow it without traffic):
 - finished jobs are kept `ttl` seconds;
-- at most `max_finished` of them: beyond, cancelled jobs go first, then failed ones and those whose
-  result expired, and only then kept results (oldest first in each), so a flood of submit-and-cancel
-  only ever pushes out other cancelled jobs;
-- their results (counted as the bytes of their final event on the wire) up to `max_result_bytes` in all:
-  beyond, the oldest result expires; its record stays and says so (`JobRecord.result_expired`).
+- at most `tenant_max_finished` of one tenant's (0: no bound of its own) and `max_finished` in all:
+  beyond, the tenant holding the most loses its own first, cancelled jobs first, then failed ones and
+  those whose result expired, and only then kept results (oldest first in each), so a flood of
+  submit-and-cancel only ever pushes out the flooder's own jobs;
+- their results (counted as the bytes of their final event on the wire) up to `tenant_max_result_bytes`
+  per tenant and `max_result_bytes` in all: beyond, the oldest result of the tenant holding the most
+  bytes expires; its record stays and says so (`JobRecord.result_expired`). A tenant's results are thus
+  expired by another's only while it holds at least as much as that other one.
 Unfinished jobs are bounded by the work queue.
 
 A subscriber holds references to the job's shared events only: progress coalesced to the newest, its
@@ -98,16 +101,20 @@ class MemoryJobStore:
     """Every job of this process (see `app.serving.queue.base.JobStore`)."""
 
     def __init__(self, *, ttl: float, max_finished: int, max_result_bytes: int = 1 << 30,
+                 tenant_max_finished: int = 0, tenant_max_result_bytes: int = 0,
                  observer: JobObserver = NULL_JOB_OBSERVER) -> None:
         self.ttl = ttl
         self.max_finished = max_finished
         self.max_result_bytes = max_result_bytes
+        self.tenant_max_finished = tenant_max_finished or max_finished
+        self.tenant_max_result_bytes = min(tenant_max_result_bytes or max_result_bytes, max_result_bytes)
         self.observer = observer
         self.jobs: collections.OrderedDict[str, JobRecord] = collections.OrderedDict()  # oldest first
         self.keys: dict[tuple[str | None, str], str] = {}  # (tenant, Idempotency-Key) -> job id
         #: Succeeded jobs whose result is kept, oldest finished first, and their bytes in all.
         self._results: collections.OrderedDict[str, JobRecord] = collections.OrderedDict()
         self._result_bytes = 0
+        self._tenant_bytes: collections.Counter[str | None] = collections.Counter()
         self._subscribers: dict[str, set[Subscriber]] = {}
         self._seq = itertools.count(1)
         self._sweeper: asyncio.Task[None] | None = None
@@ -137,14 +144,15 @@ class MemoryJobStore:
 
     def save(self, record: JobRecord) -> None:
         if record.holds_result and record.id in self.jobs and record.id not in self._results:
-            if record.result_bytes > self.max_result_bytes:  # kept, it would push out every other one
-                log.warning("job %s: its result of %d bytes alone exceeds --max_job_bytes (%d); not kept",
-                            record.id, record.result_bytes, self.max_result_bytes)
+            if record.result_bytes > self.tenant_max_result_bytes:  # kept, it would push out all others
+                log.warning("job %s: its result of %d bytes alone exceeds the bound of results kept (%d); "
+                            "not kept", record.id, record.result_bytes, self.tenant_max_result_bytes)
                 record.expire_result()
             else:
                 self._results[record.id] = record
                 self._result_bytes += record.result_bytes
-                self._fit_results()
+                self._tenant_bytes[record.tenant] += record.result_bytes
+                self._fit_results(record.tenant)
         self._count()
 
     def publish(self, record: JobRecord, event: JobEvent) -> None:
@@ -173,8 +181,9 @@ class MemoryJobStore:
         return self._result_bytes
 
     def expire(self) -> None:
-        """Drop finished jobs past the TTL, then beyond `max_finished` (cancelled first, then failed or
-        without their result, then the oldest results); then expire results beyond the byte bound."""
+        """Drop finished jobs past the TTL, then beyond a tenant's bound and beyond `max_finished` (the
+        tenant holding the most first; its cancelled first, then failed or without their result, then
+        its oldest results)."""
         now = time.monotonic()
         finished = [j for j in self.jobs.values() if j.finished_at is not None]
         dropped = 0
@@ -182,13 +191,20 @@ class MemoryJobStore:
             if now - (job.finished_at or now) > self.ttl:
                 self._drop(job)
                 dropped += 1
-        kept = [j for j in finished if j.id in self.jobs]
-        excess = len(kept) - self.max_finished
-        if excess > 0:
-            kept.sort(key=lambda j: (_eviction_class(j), j.finished_at or 0.0))
-            for job in kept[:excess]:
-                self._drop(job)
-                dropped += 1
+        by_tenant: dict[str | None, list[JobRecord]] = collections.defaultdict(list)
+        for job in finished:
+            if job.id in self.jobs:
+                by_tenant[job.tenant].append(job)
+        for jobs in by_tenant.values():  # each tenant's in the order it loses them
+            jobs.sort(key=lambda j: (_eviction_class(j), j.finished_at or 0.0), reverse=True)
+        total = sum(len(jobs) for jobs in by_tenant.values())
+        while by_tenant:
+            tenant, jobs = max(by_tenant.items(), key=lambda item: len(item[1]))
+            if len(jobs) <= self.tenant_max_finished and total <= self.max_finished:
+                break
+            self._drop(jobs.pop())
+            total -= 1
+            dropped += 1
         if dropped:
             self._count()
 
@@ -201,18 +217,35 @@ class MemoryJobStore:
             await asyncio.sleep(min(self.ttl, 60.0) / 2)
             self.expire()
 
-    def _fit_results(self) -> None:
-        while self._result_bytes > self.max_result_bytes and self._results:
-            _, oldest = self._results.popitem(last=False)
-            self._result_bytes -= oldest.result_bytes
-            log.info("job %s: result expired to keep results within %d bytes", oldest.id,
-                     self.max_result_bytes)
+    def _fit_results(self, tenant: str | None) -> None:
+        """Within `tenant`'s byte bound, then within the total: the oldest result of the tenant holding
+        the most bytes expires first."""
+        while self._results:
+            if self._tenant_bytes[tenant] > self.tenant_max_result_bytes:
+                holder = tenant
+            elif self._result_bytes > self.max_result_bytes:
+                # the newcomer loses a tie: a tenant at its fair share keeps its results
+                holder = max(self._tenant_bytes, key=lambda t: (self._tenant_bytes[t], t == tenant))
+            else:
+                return
+            oldest = next(r for r in self._results.values() if r.tenant == holder)
+            self._forget_result(oldest)
+            log.info("job %s: result expired to keep results within their bounds (%d bytes in all, %d per "
+                     "tenant)", oldest.id, self.max_result_bytes, self.tenant_max_result_bytes)
             oldest.expire_result()
+
+    def _forget_result(self, job: JobRecord) -> bool:
+        if self._results.pop(job.id, None) is None:
+            return False
+        self._result_bytes -= job.result_bytes
+        self._tenant_bytes[job.tenant] -= job.result_bytes
+        if self._tenant_bytes[job.tenant] <= 0:
+            del self._tenant_bytes[job.tenant]
+        return True
 
     def _drop(self, job: JobRecord) -> None:
         self.jobs.pop(job.id, None)
-        if self._results.pop(job.id, None) is not None:
-            self._result_bytes -= job.result_bytes
+        self._forget_result(job)
         key = (job.tenant, job.idempotency_key or "")
         if job.idempotency_key is not None and self.keys.get(key) == job.id:
             del self.keys[key]

@@ -12,8 +12,9 @@ deduplicates any job. docs/ARCHITECTURE.md ("Many replicas as one service") has 
 - Each replica reads the streams its clients follow with one `XREAD` and hands each event, one shared
   object, to its local subscribers (bounded as in-process). A followed job has a `<prefix>watch:<id>`
   key with a short TTL, refreshed while a stream is open: the worker renders previews only then.
-- Retention (TTL, the count bound with cancelled and failed jobs first, the byte bound on results) is
-  one script (`redis_scripts.RETAIN`), run after every final write and on a timer.
+- Retention (TTL, the count bound with cancelled and failed jobs first, the byte bound on results, each
+  in total and per tenant: `Retention`) is one script (`redis_scripts.RETAIN`), run after every final
+  write and on a timer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, TypeVar
 import redis
 
 from app.serving.core.errors import Conflict, NotFound, ServiceError
-from app.serving.core.jobs import fingerprint, on_final, on_progress, on_started
+from app.serving.core.jobs import fingerprint, not_found, on_final, on_progress, on_started
 from app.serving.core.service import Service
 from app.serving.core.types import (
     Event,
@@ -124,25 +125,45 @@ def _meta(keys: JobKeys, record: JobRecord, result_bytes: int) -> tuple[int, str
     idem = _idem_key(keys, record) or ""
     kept = 2 if result_bytes else 0 if record.status == JobStatus.CANCELLED else 1
     return kept, json.dumps({"status": record.status.value, "bytes": result_bytes,
-                             "listing": keys.listing(record.tenant), "idem": idem})
+                             "listing": keys.listing(record.tenant), "idem": idem,
+                             "tenant": record.tenant or ""})
 
 
-def _retain_args(keys: JobKeys, ttl: float, max_finished: int, max_result_bytes: int) -> list[Any]:
-    return [keys.prefix, time.time(), ttl, max_finished, max_result_bytes]
+@dataclass(frozen=True)
+class Retention:
+    """How long and how many finished jobs are kept (SPEC sections 7 and 12): `ttl` seconds; at most
+    `max_finished` jobs and `max_result_bytes` of results in all, and per tenant at most
+    `tenant_max_finished` and `tenant_max_result_bytes` (0: no bound of its own)."""
 
+    ttl: float
+    max_finished: int
+    max_result_bytes: int
+    tenant_max_finished: int = 0
+    tenant_max_result_bytes: int = 0
 
-def _log_retained(reply: list[Any], max_result_bytes: int) -> None:
-    for job_id in reply[1:]:
-        log.info("job %s: result expired to keep results within %d bytes", job_id.decode(), max_result_bytes)
+    @property
+    def result_limit(self) -> int:
+        """The largest result that can be kept at all."""
+        return min(self.tenant_max_result_bytes or self.max_result_bytes, self.max_result_bytes)
+
+    def args(self, keys: JobKeys, tenant: str | None = None) -> list[Any]:
+        """RETAIN's arguments; `tenant`: whose job just finished (it loses a tie of holdings)."""
+        return [keys.prefix, time.time(), self.ttl, self.max_finished, self.max_result_bytes,
+                self.tenant_max_finished, self.tenant_max_result_bytes, tenant or ""]
+
+    def log(self, reply: list[Any]) -> None:
+        for job_id in reply[1:]:
+            log.info("job %s: result expired to keep results within their bounds (%d bytes in all, %d per "
+                     "tenant)", job_id.decode(), self.max_result_bytes, self.result_limit)
 
 
 class RedisJobWriter:
     """The worker's side (`redis_queue.JobWriter`): a job's transitions, written with its run's token."""
 
-    def __init__(self, queue: RedisQueue, encode_data: DataEncoder, *, ttl: float, max_finished: int,
-                 max_result_bytes: int, worker: str, observer: JobObserver = NULL_JOB_OBSERVER) -> None:
-        self.queue, self.encode_data, self.ttl = queue, encode_data, ttl
-        self.max_finished, self.max_result_bytes, self.worker = max_finished, max_result_bytes, worker
+    def __init__(self, queue: RedisQueue, encode_data: DataEncoder, *, retention: Retention, worker: str,
+                 observer: JobObserver = NULL_JOB_OBSERVER) -> None:
+        self.queue, self.encode_data, self.retention = queue, encode_data, retention
+        self.ttl, self.worker = retention.ttl, worker
         self.observer = observer
         self.keys = JobKeys(queue.prefix)
         self._watched: dict[str, tuple[float, bool]] = {}
@@ -169,9 +190,9 @@ class RedisJobWriter:
         data = self.encode_data(final)
         kept = b""
         if final.name == JobEventName.SUCCEEDED:
-            if len(data) > self.max_result_bytes:  # kept, it would push out every other one
-                log.warning("job %s: its result of %d bytes alone exceeds --max_job_bytes (%d); not kept",
-                            record.id, len(data), self.max_result_bytes)
+            if len(data) > self.retention.result_limit:  # kept, it would push out every other one
+                log.warning("job %s: its result of %d bytes alone exceeds the bound of results kept (%d); "
+                            "not kept", record.id, len(data), self.retention.result_limit)
                 record.result_expired = True
             else:
                 kept = data
@@ -180,8 +201,8 @@ class RedisJobWriter:
         self._watched.pop(record.id, None)
         if written == 1:
             reply = client.eval(scripts.RETAIN, 6, *self.keys.retain_keys(),
-                                *_retain_args(self.keys, self.ttl, self.max_finished, self.max_result_bytes))
-            _log_retained(reply, self.max_result_bytes)
+                                *self.retention.args(self.keys, record.tenant))
+            self.retention.log(reply)
         return int(written)
 
     def _write(self, client: Any, held: Held, events: list[JobEvent], *, data: list[bytes] | None = None,
@@ -193,7 +214,8 @@ class RedisJobWriter:
         idem = _idem_key(self.keys, record)
         keys = [self.queue.work_key(record.id), self.keys.job(record.id), self.keys.events(record.id),
                 self.queue.stream, self.keys.counts, self.keys.result(record.id), self.keys.sets[retention],
-                self.keys.meta, self.keys.result_bytes, idem or self.keys.job(record.id)]
+                self.keys.meta, self.keys.result_bytes, idem or self.keys.job(record.id),
+                self.queue.entries_key]
         args: list[Any] = [held.token, record_to_json(record), record.status.value, EVENTS_KEPT,
                            "1" if final else "0", GROUP, int(self.ttl), time.time(), result or b"", record.id,
                            meta]
@@ -233,11 +255,10 @@ def _event_id(text: str) -> tuple[int, int]:
 class RedisJobs:
     """Submit, get, list, cancel and follow jobs kept in Redis (the interface of `core.jobs.Jobs`)."""
 
-    def __init__(self, service: Service, *, ttl: float, max_finished: int, max_result_bytes: int,
-                 encode_data: DataEncoder,
+    def __init__(self, service: Service, *, retention: Retention, encode_data: DataEncoder,
                  observer: JobObserver = NULL_JOB_OBSERVER) -> None:
-        self.service, self.ttl, self.max_finished = service, ttl, max_finished
-        self.max_result_bytes, self.encode_data = max_result_bytes, encode_data
+        self.service, self.retention, self.ttl = service, retention, retention.ttl
+        self.encode_data = encode_data
         self.observer = observer
         self._followers: dict[str, set[_Follower]] = {}
         self._pump: asyncio.Task[None] | None = None
@@ -290,7 +311,7 @@ class RedisJobs:
         idem = keys.idempotency(tenant, idempotency_key) if idempotency_key is not None else None
         job_keys = [keys.job(record.id), keys.listing(tenant), keys.seq, idem or keys.job(record.id),
                     keys.counts]
-        args = [record_to_json(record), "1" if idem else "0", int(request.timeout_s + self.ttl), tenant or ""]
+        args = [record_to_json(record), "1" if idem else "0", int(request.timeout_s + self.ttl)]
         known_id = await self.queue.put_job(work, job_keys, args)
         if known_id is not None:
             assert idempotency_key is not None
@@ -313,12 +334,13 @@ class RedisJobs:
         fields = await self._call(self.queue.aio_client().hgetall(self.keys.job(job_id)))
         return record_from_hash(fields) if fields else None
 
-    async def get(self, job_id: str) -> JobRecord:
-        """The record as Redis has it; a succeeded job's kept result as its final event (`raw`)."""
+    async def get(self, job_id: str, tenant: str | None = None) -> JobRecord:
+        """The record as Redis has it, if it is `tenant`'s (another's is a 404 like a missing one); a
+        succeeded job's kept result as its final event (`raw`)."""
         await self._sweep()
         record = await self._load(job_id)
-        if record is None:
-            raise NotFound(f"job {job_id!r} is unknown or expired (finished jobs are kept {self.ttl:g} s)")
+        if record is None or record.tenant != tenant:
+            raise not_found(job_id, self.ttl)
         if record.status == JobStatus.SUCCEEDED and not record.result_expired:
             record.final = await self.final_event(record)
             record.result_bytes = len(record.final.raw or b"") if not record.result_expired else 0
@@ -357,8 +379,8 @@ class RedisJobs:
         _, meta = _meta(keys, ended, 0)
         idem = _idem_key(keys, record)
         script_keys = [keys.job(record.id), keys.events(record.id), keys.counts, keys.sets[0], keys.meta,
-                       idem or keys.job(record.id), queue.work_key(record.id), queue.stream,
-                       queue.waiting_key]
+                       idem or keys.job(record.id), queue.work_key(record.id),
+                       *queue.queue_keys(record.tenant)]
         args = [record_to_json(ended), self.encode_data(final), EVENTS_KEPT, int(self.ttl), time.time(),
                 record.id, meta, queue.cancel_channel]
         reply = await self._call(queue.aio_client().eval(scripts.CANCEL_JOB, len(script_keys), *script_keys,
@@ -370,7 +392,7 @@ class RedisJobs:
         record.status, record.finished, record.error = ended.status, ended.finished, None
         log.info("job %s cancelled", record.id)
         self.observer.job_event(JobEventName.CANCELLED.value)
-        await self._sweep(force=True)
+        await self._sweep(force=True, tenant=record.tenant)
 
     # ---- events -----------------------------------------------------------------------------------
 
@@ -503,7 +525,7 @@ class RedisJobs:
 
     # ---- retention and gauges ---------------------------------------------------------------------
 
-    async def _sweep(self, *, force: bool = False) -> None:
+    async def _sweep(self, *, force: bool = False, tenant: str | None = None) -> None:
         """Retention (TTL, count and byte bounds) and the job gauges, at most every SWEEP_S seconds."""
         if not force and time.monotonic() - self._swept < SWEEP_S:
             return
@@ -511,8 +533,8 @@ class RedisJobs:
         keys, client = self.keys, self.queue.aio_client()
         try:
             reply = await client.eval(scripts.RETAIN, 6, *keys.retain_keys(),
-                                      *_retain_args(keys, self.ttl, self.max_finished, self.max_result_bytes))
-            _log_retained(reply, self.max_result_bytes)
+                                      *self.retention.args(keys, tenant))
+            self.retention.log(reply)
             counts = await client.hgetall(keys.counts)
             self._result_bytes = int(await client.get(keys.result_bytes) or 0)
         except redis.RedisError:
