@@ -8,6 +8,10 @@ and `result.json` (the predict response without the base64 images, plus `files` 
 writes their paths to stdout. Exit status: 0 saved; 1 the server refused or failed the job (its
 message on stderr); 2 bad arguments; 130 interrupted: Ctrl-C cancels the job on the server first.
 
+A server with API keys (SPEC section 12) needs one: `--api-key KEY`, or the environment variable
+`KANDINSKY_API_KEY` (better: a flag shows in the process list), sent as `Authorization: Bearer KEY` on
+every request and never written anywhere.
+
 Light on purpose (httpx, httpx-sse, tqdm): it runs on any machine that can reach the server.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +38,7 @@ FINAL_EVENTS = ("succeeded", "failed", "cancelled")
 READ_TIMEOUT_S = 60.0
 RECONNECTS = 5
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+API_KEY_ENV = "KANDINSKY_API_KEY"
 _SIGNATURES = ((b"\x89PNG", "png"), (b"\xff\xd8", "jpg"), (b"RIFF", "webp"))
 
 
@@ -48,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("query", help="the text prompt")
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the server (default %(default)s)")
     parser.add_argument("--model", help="the model name (default: the one GET /v1/models lists)")
+    parser.add_argument("--api-key", "--api_key", dest="api_key", metavar="KEY",
+                        help=f"the API key of a server with --api_keys (default: ${API_KEY_ENV}, which is "
+                             "better: a flag shows in the process list)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the images and result.json")
     parser.add_argument("--images_to_gen", type=int, help="images to sample (server default 8)")
     parser.add_argument("--images_to_cherry_pick", type=int, help="of those, how many to keep, best by CLIP")
@@ -71,7 +80,8 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def error_message(response: httpx.Response) -> str:
-    """The server's own words for a refused request: `{"error": ...}` (or OpenAI's shape), else the body."""
+    """The server's own words for a refused request: `{"error": ...}` (or OpenAI's shape), else the body;
+    a 401 says how to pass a key."""
     response.read()
     try:
         body = response.json()
@@ -81,9 +91,22 @@ def error_message(response: httpx.Response) -> str:
     if isinstance(error, dict):
         error = error.get("message")
     text = str(error) if error else (response.text.strip()[:500] or response.reason_phrase)
+    if response.status_code == 401:
+        if _sent_key(response):
+            hint = f"the server did not accept the API key: check --api-key or {API_KEY_ENV}"
+        else:
+            hint = f"the server needs an API key: pass --api-key KEY or set {API_KEY_ENV}"
+        return f"401: {hint} (server: {text})"
     retry = response.headers.get("Retry-After")
-    suffix = f" (retry after {retry} s)" if retry and response.status_code == 503 else ""
+    suffix = f" (retry after {retry} s)" if retry and response.status_code in (429, 503) else ""
     return f"{response.status_code}: {text}{suffix}"
+
+
+def _sent_key(response: httpx.Response) -> bool:
+    try:
+        return "authorization" in response.request.headers
+    except RuntimeError:  # a response built without its request
+        return False
 
 
 def model_name(client: httpx.Client, wanted: str | None) -> str:
@@ -240,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the client; the process exit status."""
     args = build_parser().parse_args(argv)
     timeout = httpx.Timeout(READ_TIMEOUT_S, connect=10.0)
+    key = args.api_key or os.environ.get(API_KEY_ENV, "").strip()
+    if key and not all("!" <= c <= "~" for c in key):  # what a header carries; never echoed
+        sys.stderr.write(f"error: the API key (--api-key or {API_KEY_ENV}) must be printable ASCII "
+                         "without spaces\n")
+        return EXIT_USAGE
+    headers = {"Authorization": f"Bearer {key}"} if key else None
     run: JobRun | None = None
     try:
-        with httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout) as client:
+        with httpx.Client(base_url=args.url.rstrip("/"), timeout=timeout, headers=headers) as client:
             run = JobRun(client, model_name(client, args.model), quiet=args.quiet)
             try:
                 result = run.run(request_body(args))

@@ -169,6 +169,13 @@ def serve(model_dir: Path, *flags: str) -> Iterator[dict[str, Any]]:
             proc.wait(10)
 
 
+def serve_keyed(model_dir: Path, folder: Path, keys: dict[str, str], *flags: str) -> Iterator[dict[str, Any]]:
+    """`serve` with an `--api_keys` file of `keys` (tenant -> token) written in `folder`."""
+    path = folder / "api_keys"
+    path.write_text("".join(f"{tenant} {token}\n" for tenant, token in keys.items()), encoding="utf-8")
+    yield from serve(model_dir, "--api_keys", str(path), *flags)
+
+
 # ---- KServe's REST app in-process (from tests/serving/test_http.py) --------------------------------------
 
 

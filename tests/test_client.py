@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ROOT, free_port, serve
+from tests.support import ROOT, free_port, serve, serve_keyed
 
 JOBS = "/v1/models/kandinsky/jobs"
 
@@ -106,3 +107,50 @@ def test_an_unreachable_server_exits_1_with_a_message(tmp_path):
     run = client("кот", "--url", url, "--out", str(tmp_path))
     assert run.returncode == 1
     assert run.stderr.startswith(f"error: {url}") and "Traceback" not in run.stderr
+
+
+# ---- a server with API keys (SPEC section 12) -----------------------------------------------------------
+
+KEY = "client-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_url(tiny_model_dir, tmp_path_factory):
+    for srv in serve_keyed(tiny_model_dir, tmp_path_factory.mktemp("keys"), {"tenant-1": KEY}):
+        yield srv["base"]
+
+
+def without_key_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "KANDINSKY_API_KEY"}
+
+
+def test_without_a_key_a_keyed_server_exits_1_with_one_line_saying_how_to_pass_one(keyed_url, tmp_path):
+    run = client("кот", "--url", keyed_url, "--out", str(tmp_path), env=without_key_env())
+    assert run.returncode == 1
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: 401: the server needs an API key: pass --api-key KEY or set "
+                                 "KANDINSKY_API_KEY"), run.stderr
+
+
+def test_a_refused_key_says_so_without_echoing_it(keyed_url, tmp_path):
+    wrong = "not-the-key-0123456789abcdef"
+    run = client("кот", "--url", keyed_url, "--api-key", wrong, "--out", str(tmp_path), env=without_key_env())
+    assert run.returncode == 1
+    assert "401: the server did not accept the API key" in run.stderr and wrong not in run.stderr
+
+
+def test_the_key_from_the_environment_is_sent_and_the_job_is_the_tenants(keyed_url, tmp_path):
+    out = tmp_path / "cat"
+    run = client("кот", "--url", keyed_url, "--images_to_gen", "1", "--no-super_res", "--quiet", "--out",
+                 str(out), env={**without_key_env(), "KANDINSKY_API_KEY": KEY})
+    assert run.returncode == 0, run.stderr
+    job_id = json.loads((out / "result.json").read_text(encoding="utf-8"))["job_id"]
+    assert KEY not in run.stderr + run.stdout
+    headers = {"Authorization": f"Bearer {KEY}"}
+    job = httpx.get(f"{keyed_url}{JOBS}/{job_id}", headers=headers, timeout=10).json()
+    assert job["status"] == "succeeded"
+    # and --api-key wins over the variable
+    env = {**without_key_env(), "KANDINSKY_API_KEY": "wrong-wrong-wrong"}
+    flagged = client("кот", "--url", keyed_url, "--api-key", KEY, "--images_to_gen", "1", "--no-super_res",
+                     "--quiet", "--out", str(tmp_path / "flag"), env=env)
+    assert flagged.returncode == 0, flagged.stderr

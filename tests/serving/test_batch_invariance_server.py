@@ -55,6 +55,9 @@ TIMEOUT_S = 300.0
 #: cores (and its GIL), so not too often.
 POLL_S = 0.2
 
+#: kandinsky_requests_total of v1 requests whose client hung up (no API keys: tenant "").
+CLOSED_V1 = '{code="499",protocol="v1",tenant=""}'
+
 
 def params(images: int, seed: int) -> dict[str, Any]:
     return {"images_to_gen": images, "images_to_cherry_pick": images, "top_k": 4096, "top_p": 0.975,
@@ -178,7 +181,7 @@ def scenario(srv: dict[str, Any]) -> dict[str, Any]:
         "count": metric(base, "kandinsky_batch_images_count", ""),
         "sum": metric(base, "kandinsky_batch_images_sum", ""),
         "images": metric(base, "kandinsky_images_total", ""),
-        "499": metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}'),
+        "499": metric(base, "kandinsky_requests_total", CLOSED_V1),
         "batches": len(batches(srv["lines"])),
     }
     assert before["batches"] == 0
@@ -231,7 +234,7 @@ def scenario(srv: dict[str, Any]) -> dict[str, Any]:
             "cancelled_at": cancelled_at,
             "hung_up_at": hung_up_at,
         }
-    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}') > before["499"],
+    wait_for(lambda: metric(base, "kandinsky_requests_total", CLOSED_V1) > before["499"],
              timeout=30)
     out["batches"] = batches(srv["lines"])
     out["lines"] = list(srv["lines"])
@@ -239,7 +242,7 @@ def scenario(srv: dict[str, Any]) -> dict[str, Any]:
         "count": metric(base, "kandinsky_batch_images_count", "") - before["count"],
         "sum": metric(base, "kandinsky_batch_images_sum", "") - before["sum"],
         "images": metric(base, "kandinsky_images_total", "") - before["images"],
-        "499": metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}') - before["499"],
+        "499": metric(base, "kandinsky_requests_total", CLOSED_V1) - before["499"],
     }
     return out
 

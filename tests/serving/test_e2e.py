@@ -50,7 +50,7 @@ def test_server_process_answers_the_catalog_example_and_exits_cleanly_on_sigterm
         Image.open(io.BytesIO(base64.b64decode(b64))).verify()
     assert httpx.get(f"{base}/v2/health/live", timeout=5).status_code == 200
     metrics_text = httpx.get(f"{base}/metrics", timeout=5).text
-    assert 'kandinsky_requests_total{code="200",protocol="v1"}' in metrics_text
+    assert 'kandinsky_requests_total{code="200",protocol="v1",tenant=""}' in metrics_text
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, "".join(lines)[-3000:]

@@ -64,7 +64,7 @@ def reference(srv) -> dict[str, Any]:
 
 
 def grpc_count(srv: dict[str, Any], code: str) -> float:
-    return metric(srv["base"], "kandinsky_requests_total", f'{{code="{code}",protocol="grpc"}}')
+    return metric(srv["base"], "kandinsky_requests_total", f'{{code="{code}",protocol="grpc",tenant=""}}')
 
 
 def query(*texts: bytes) -> Tensor:
@@ -263,7 +263,7 @@ def test_unknown_model_is_not_found_and_counted(srv):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert grpc_count(srv, "NOT_FOUND") == before + 1
     # REST requests are not counted as gRPC
-    assert metric(srv["base"], "kandinsky_requests_total", '{code="NOT_FOUND",protocol="v2"}') == 0
+    assert metric(srv["base"], "kandinsky_requests_total", '{code="NOT_FOUND",protocol="v2",tenant=""}') == 0
 
 
 
@@ -302,7 +302,8 @@ async def infer_through_interceptor(servicer: FixedServicer, max_send_bytes: int
 def counted(code: str) -> float:
     from prometheus_client import REGISTRY
 
-    return REGISTRY.get_sample_value("kandinsky_requests_total", {"code": code, "protocol": "grpc"}) or 0.0
+    labels = {"code": code, "protocol": "grpc", "tenant": ""}
+    return REGISTRY.get_sample_value("kandinsky_requests_total", labels) or 0.0
 
 
 async def test_interceptor_refuses_a_response_over_the_send_limit_saying_so_and_counts_it():

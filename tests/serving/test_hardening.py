@@ -25,6 +25,9 @@ from tests.support import serve
 NAME = "kandinsky"
 BODY_LIMIT = 64 * 1024
 
+#: kandinsky_requests_total of v1 requests whose client hung up (no API keys: tenant "").
+CLOSED_V1 = '{code="499",protocol="v1",tenant=""}'
+
 
 @pytest.fixture(scope="module")
 def srv(tiny_model_dir):
@@ -111,13 +114,13 @@ def joined(lines: list[str], requests: int = 1) -> int:
 
 def test_client_that_hangs_up_stops_its_rows_and_is_counted_499(srv):
     base, lines = srv["base"], srv["lines"]
-    closed = metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}')
+    closed = metric(base, "kandinsky_requests_total", CLOSED_V1)
     images = metric(base, "kandinsky_images_total")
     before = joined(lines)
     sock = raw_request(srv["port"], "POST", f"/v1/models/{NAME}:predict", predict_body(8, 3))
     wait_for(lambda: joined(lines) > before)
     sock.close()  # the client hangs up while its 8 images are being sampled
-    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}') == closed + 1)
+    wait_for(lambda: metric(base, "kandinsky_requests_total", CLOSED_V1) == closed + 1)
     # The next request is served, and the abandoned one never completed its images.
     r = httpx.post(f"{base}/v1/models/{NAME}:predict", content=predict_body(1, 4), timeout=120,
                    headers={"content-type": "application/json"})
@@ -128,7 +131,7 @@ def test_client_that_hangs_up_stops_its_rows_and_is_counted_499(srv):
 
 def test_hang_up_beside_a_partner_in_the_decode_leaves_the_partner_its_own_images(srv):
     base, port, lines = srv["base"], srv["port"], srv["lines"]
-    closed = metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}')
+    closed = metric(base, "kandinsky_requests_total", CLOSED_V1)
     images = metric(base, "kandinsky_images_total")
     results: dict[str, httpx.Response] = {}
 
@@ -145,7 +148,7 @@ def test_hang_up_beside_a_partner_in_the_decode_leaves_the_partner_its_own_image
     hasty.close()
     partner.join(300)
     assert results["partner"].status_code == 200
-    wait_for(lambda: metric(base, "kandinsky_requests_total", '{code="499",protocol="v1"}') == closed + 1)
+    wait_for(lambda: metric(base, "kandinsky_requests_total", CLOSED_V1) == closed + 1)
     post("alone", predict_body(1, 12, "собака"))
     assert results["alone"].status_code == 200
     # The partner's image is the one it gets alone: the hang-up did not disturb its rows.

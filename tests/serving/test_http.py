@@ -106,8 +106,8 @@ class Observed:
 
 
 WATCHED = {
-    "ok": ("kandinsky_requests_total", {"code": "200", "protocol": "v1"}),
-    "busy": ("kandinsky_requests_total", {"code": "503", "protocol": "v1"}),
+    "ok": ("kandinsky_requests_total", {"code": "200", "protocol": "v1", "tenant": ""}),
+    "busy": ("kandinsky_requests_total", {"code": "503", "protocol": "v1", "tenant": ""}),
     "images": ("kandinsky_images_total", None),
     "tokens": ("kandinsky_image_tokens_total", None),
     "batches": ("kandinsky_batch_images_count", None),

@@ -337,9 +337,9 @@ def test_bad_job_body_is_400_naming_the_field_like_predict(srv):
 def test_job_metrics_count_statuses_and_events(srv):
     base = srv["base"]
     before = metric(base, "kandinsky_job_events_total", '{event="succeeded"}')
-    submitted = metric(base, "kandinsky_requests_total", '{code="202",protocol="jobs"}')
+    submitted = metric(base, "kandinsky_requests_total", '{code="202",protocol="jobs",tenant=""}')
     job_id = submit(base, body(1, 80)).json()["id"]
     wait_status(base, job_id, "succeeded")
     assert metric(base, "kandinsky_job_events_total", '{event="succeeded"}') == before + 1
-    assert metric(base, "kandinsky_requests_total", '{code="202",protocol="jobs"}') == submitted + 1
+    assert metric(base, "kandinsky_requests_total", '{code="202",protocol="jobs",tenant=""}') == submitted + 1
     assert metric(base, "kandinsky_jobs", '{status="succeeded"}') >= 1

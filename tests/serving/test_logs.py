@@ -37,12 +37,12 @@ def test_text_records_stay_one_line_and_tracebacks_cannot_pass_for_a_record():
 
 def test_json_records_are_one_object_a_line_with_the_access_fields():
     line = JsonFormatter().format(record("access %s", FORGED, request_id="r1", status=404, route="/x",
-                                         duration_ms=1.5, unrelated="not copied"))
+                                         duration_ms=1.5, tenant="team-a", unrelated="not copied"))
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["message"] == "access " + FORGED
-    fields = (entry["request_id"], entry["status"], entry["route"], entry["duration_ms"])
-    assert fields == ("r1", 404, "/x", 1.5)
+    fields = (entry["request_id"], entry["status"], entry["route"], entry["duration_ms"], entry["tenant"])
+    assert fields == ("r1", 404, "/x", 1.5, "team-a")
     assert entry["level"] == "WARNING" and entry["logger"] == "app.test" and "unrelated" not in entry
 
 

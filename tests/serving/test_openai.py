@@ -45,13 +45,13 @@ def test_models_lists_the_served_model(client):
 
 
 def test_generate_gives_the_v1_images_for_the_same_seed_best_n_of_images_to_gen(srv, client):
-    counted = metric(srv, "kandinsky_requests_total", '{code="200",protocol="openai"}')
+    counted = metric(srv, "kandinsky_requests_total", '{code="200",protocol="openai",tenant=""}')
     r = client.images.generate(model=NAME, prompt="кот", n=2, size="256x256",
                                extra_body={"seed": 21, "images_to_gen": 3})
     assert r.size == "256x256" and r.output_format == "png" and len(r.data) == 2
     v1 = predict(srv, seed=21, images_to_gen=3, images_to_cherry_pick=2, super_res=False, format="png")
     assert [d.b64_json for d in r.data] == v1["images"]  # the same PNG files, best ruCLIP score first
-    assert metric(srv, "kandinsky_requests_total", '{code="200",protocol="openai"}') == counted + 1
+    assert metric(srv, "kandinsky_requests_total", '{code="200",protocol="openai",tenant=""}') == counted + 1
 
 
 def test_size_1024_is_the_x4_upscale_in_the_asked_format(client):

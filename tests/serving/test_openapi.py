@@ -268,6 +268,42 @@ def test_a_documented_stream_names_its_status_and_final_events():
         Operation("x", "Jobs", None, stream_final=("b",))
 
 
+# SPEC.md section 12: the routes that need an API key, and those that answer a tenant's full queue.
+SECURED = {key for key in STATUSES if key[1].startswith("/v1/models/{model_name}/jobs")} | {
+    ("POST", PREDICT), ("POST", "/v2/models/{model_name}/infer"), ("POST", OPENAI_GENERATIONS)}
+TENANT_LIMITED = {("POST", PREDICT), ("POST", JOBS), ("POST", "/v2/models/{model_name}/infer"),
+                  ("POST", OPENAI_GENERATIONS)}
+
+
+def test_without_api_keys_the_document_asks_for_no_key(doc):
+    assert "securitySchemes" not in doc["components"]
+    assert not any("security" in op or "401" in op["responses"] or "429" in op["responses"]
+                   for item in doc["paths"].values() for op in item.values())
+
+
+def test_with_api_keys_the_document_declares_bearer_on_the_generating_and_job_routes(spec_app):
+    model, app = spec_app
+    doc = build_openapi(app, build_table(model.context), model.service, api_keys=True, tenant_queue=True)
+    scheme = doc["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    ops = {(m.upper(), p): op for p, item in doc["paths"].items() for m, op in item.items()}
+    assert {key for key, op in ops.items() if op.get("security") == [{"bearerAuth": []}]} == SECURED
+    assert {key for key, op in ops.items() if "401" in op["responses"]} == SECURED
+    assert {key for key, op in ops.items() if "429" in op["responses"]} == TENANT_LIMITED
+    for key in SECURED:
+        refused = ops[key]["responses"]["401"]
+        assert refused["headers"]["WWW-Authenticate"]["required"] is True, key
+        body = "OpenAIErrorBody" if key[1] == OPENAI_GENERATIONS else "ErrorBody"
+        assert refused["content"]["application/json"]["schema"]["$ref"].endswith(f"/{body}"), key
+    for key in TENANT_LIMITED:
+        assert ops[key]["responses"]["429"]["headers"]["Retry-After"]["required"] is True, key
+    assert "Bearer <key>" in doc["info"]["description"]
+    assert not re.search(r"Bearer [A-Za-z0-9]", json.dumps(doc))  # no key in any example
+    import schemathesis
+
+    assert len(list(schemathesis.openapi.from_dict(doc).get_all_operations())) == len(STATUSES)
+
+
 def test_every_503_documents_retry_after(doc):
     for item in doc["paths"].values():
         for op in item.values():

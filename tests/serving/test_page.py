@@ -19,7 +19,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support import ROOT, serve
+from tests.support import ROOT, serve, serve_keyed
 
 PAGE_FILE = ROOT / "app" / "serving" / "web" / "static" / "index.html"
 SHOTS = ROOT / "out" / "screenshots"
@@ -256,3 +256,58 @@ def test_the_image_prompt_is_sent_as_spec_section_9_says(session, base_url):
     page.wait_for_selector("#status[data-state=succeeded]", timeout=120_000)
     assert page.locator("[data-error-for^='image_prompt']:not([hidden])").count() == 0
     shot(page, "image-prompt")
+
+
+# ---- a server with API keys (SPEC section 12) -----------------------------------------------------------
+
+PAGE_KEY = "page-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_base_url(tiny_model_dir, tmp_path_factory):
+    for srv in serve_keyed(tiny_model_dir, tmp_path_factory.mktemp("keys"), {"web": PAGE_KEY}):
+        yield srv["base"]
+
+
+def test_against_a_keyed_server_the_page_asks_for_the_key_keeps_it_in_the_tab_and_generates(browser,
+                                                                                          keyed_base_url):
+    s = Session(browser, keyed_base_url)
+    page = s.page
+    sent: list[tuple[str, str | None]] = []
+    page.on("request", lambda r: sent.append((f"{r.method} {urlsplit(r.url).path}",
+                                              r.headers.get("authorization"))))
+    try:
+        page.fill("#query", "кот")
+        page.fill("#images_to_gen", "1")
+        page.fill("#images_to_cherry_pick", "1")
+        page.uncheck("#super_res")
+        page.click("#generate")
+        page.wait_for_selector("#key-dialog[open]")  # the job's POST was answered 401
+        assert page.evaluate("document.activeElement.id") == "api-key"
+        shot(page, "api-key-asked")
+        page.fill("#api-key", "not-the-key-0123456789")
+        page.keyboard.press("Enter")
+        error = page.locator("#key-error")
+        error.wait_for(state="visible")  # asked again, saying the key was refused
+        assert "did not accept" in error.text_content()
+        page.fill("#api-key", PAGE_KEY)
+        page.click("#key-use")
+        page.wait_for_selector("#status[data-state=succeeded]")
+        shot(page, "api-key-generated")
+        assert page.locator(".result").count() == 1
+
+        posts = [auth for what, auth in sent if what == f"POST {JOBS}"]
+        assert posts == [None, "Bearer not-the-key-0123456789", f"Bearer {PAGE_KEY}"]
+        # the tab keeps it (sessionStorage), nothing else does
+        assert page.evaluate("sessionStorage.getItem('kandinsky.apiKey')") == PAGE_KEY
+        assert page.evaluate("localStorage.length") == 0 and page.evaluate("document.cookie") == ""
+        assert page.is_visible("#key-button")
+        # the job is this key's tenant's
+        job_id = page.get_attribute("#output", "data-job-id")
+        assert httpx.get(f"{keyed_base_url}{JOBS}/{job_id}", timeout=10).status_code == 401
+        job = httpx.get(f"{keyed_base_url}{JOBS}/{job_id}", timeout=10,
+                        headers={"Authorization": f"Bearer {PAGE_KEY}"}).json()
+        assert job["status"] == "succeeded"
+    finally:
+        s.context.close()
+    assert s.errors == [], s.errors

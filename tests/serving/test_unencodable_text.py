@@ -212,13 +212,14 @@ def test_grpc_string_fields_that_are_not_utf8_are_invalid_argument_naming_the_fi
         (pb.ModelInferRequest(model_name=NAME, inputs=[Tensor(name="MARKER", datatype="BYTES", shape=[1])]),
          "inputs[0].name: not valid UTF-8"),
     ]
-    before = metric(srv["base"], "kandinsky_requests_total", '{code="INVALID_ARGUMENT",protocol="grpc"}')
+    invalid = '{code="INVALID_ARGUMENT",protocol="grpc",tenant=""}'
+    before = metric(srv["base"], "kandinsky_requests_total", invalid)
     for message, needle in cases:
         err = grpc_error(srv["raw"], with_lone_surrogate(message))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert err.details().startswith(needle), err.details()
         assert not OBJECT_TEXT.search(err.details())
-    after = metric(srv["base"], "kandinsky_requests_total", '{code="INVALID_ARGUMENT",protocol="grpc"}')
+    after = metric(srv["base"], "kandinsky_requests_total", invalid)
     assert after == before + len(cases)
 
     err = grpc_error(srv["raw"], b"\xff\xff\xff\xff")  # not a protobuf message at all

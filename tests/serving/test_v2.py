@@ -255,9 +255,10 @@ def test_tritonclient_http_gets_the_400_naming_the_input(srv):
 
 
 def test_client_errors_are_counted_as_v2_400(srv):
-    before = metric(srv["base"], "kandinsky_requests_total", '{code="400",protocol="v2"}')
+    labels = '{code="400",protocol="v2",tenant=""}'
+    before = metric(srv["base"], "kandinsky_requests_total", labels)
     httpx.post(f"{srv['base']}{INFER}", json={"inputs": [q("")]}, timeout=30)
-    assert metric(srv["base"], "kandinsky_requests_total", '{code="400",protocol="v2"}') == before + 1
+    assert metric(srv["base"], "kandinsky_requests_total", labels) == before + 1
 
 
 def test_unknown_model_is_a_404(srv):

@@ -19,7 +19,8 @@ LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 #: Fields an access record may carry (`extra=`), written as JSON keys by the JSON formatter.
-ACCESS_FIELDS = ("request_id", "method", "route", "path", "status", "duration_ms", "client", "protocol")
+ACCESS_FIELDS = ("request_id", "method", "route", "path", "status", "duration_ms", "client", "protocol",
+                 "tenant")
 
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: each becomes an escape.
 _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}

@@ -57,10 +57,19 @@ LOOP_SLOTS = Gauge("kandinsky_loop_slots", "Continuous batching: row slots of th
 IMAGE_TOKENS_TOTAL = Counter("kandinsky_image_tokens_total", "Image tokens sampled.")
 #: Protocols of kandinsky_requests_total; gRPC's codes are its status names (OK, INVALID_ARGUMENT, ...).
 PROTOCOLS = ("v1", "v2", "grpc", "openai", "jobs")
+#: `tenant` is a name from --api_keys (never a key), so its values are bounded by the keys file; "" without
+#: keys and for a request refused before it was authenticated.
 REQUESTS_TOTAL = Counter(
     "kandinsky_requests_total",
-    "Generation requests answered, by status code and protocol (v1, v2, grpc, openai, jobs).",
-    ["code", "protocol"],
+    "Generation requests answered, by status code, protocol (v1, v2, grpc, openai, jobs) and tenant "
+    "(empty without API keys or when not authenticated).",
+    ["code", "protocol", "tenant"],
+)
+JOBS_SUBMITTED_TOTAL = Counter(
+    "kandinsky_jobs_submitted_total",
+    "Jobs created, by tenant (empty without API keys); an Idempotency-Key that names an existing job "
+    "creates none.",
+    ["tenant"],
 )
 JOBS = Gauge("kandinsky_jobs", "Jobs held in memory, by status.", ["status"])
 JOB_EVENTS_TOTAL = Counter("kandinsky_job_events_total", "Job events published, by event name.", ["event"])
@@ -82,6 +91,11 @@ DELIVERIES_TOTAL = Counter(
     "Work claimed by this worker from the Redis queue: first, a takeover after another worker's lease "
     "lapsed, or exhausted (failed for having been delivered more than --max_deliveries times).",
     ["kind"],
+)
+API_KEYS_FILE_OK = Gauge(
+    "kandinsky_api_keys_file_ok",
+    "1 while the --api_keys file as it is now is the one in force; 0 after an edit the server refused "
+    "(the previous keys are kept; the log names the line). Absent without --api_keys.",
 )
 GPU_MEMORY_BYTES = Gauge(
     "kandinsky_gpu_memory_bytes", "CUDA memory allocated by this process, per device.", ["device"]

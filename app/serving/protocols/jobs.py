@@ -2,7 +2,9 @@
 
 Wire form only: `Jobs` (app/serving/core/jobs.py) does the work; here a JSON body becomes a submission,
 a `JobRecord` becomes its JSON view, and typed `JobEvent`s become SSE bytes (`encode_event`, which `Jobs`
-calls once per event: every subscriber sends the same bytes object).
+calls once per event: every subscriber sends the same bytes object). Every route needs an API key when the
+server has them (SPEC section 12), and acts as the key's tenant: a tenant submits, lists, follows and
+cancels only its own jobs (another's id is a 404, as an unknown one).
 
 What a slow or idle client costs is bounded by bytes: an event goes out in slices of at most
 `CHUNK_BYTES` (memoryviews of the shared bytes), so the server's flow control (it waits for the socket
@@ -412,6 +414,7 @@ def routes(ctx: ProtocolContext) -> list[Route]:
         return JobEventStream(stream_chunks(events), send_timeout)
 
     async def submit(model_name: str, request: Request) -> Response:
+        tenant = ctx.tenant(request)
         ctx.check_model(model_name)
         try:
             payload = json.loads(await request.body())
@@ -420,7 +423,9 @@ def routes(ctx: ProtocolContext) -> list[Route]:
         key = request.headers.get(IDEMPOTENCY_HEADER)
         if key is not None and not 1 <= len(key) <= 255:
             raise RequestInvalid("Idempotency-Key: must be 1..255 characters")
-        record, new = await jobs.submit(payload, key)
+        record, new = await jobs.submit(payload, key, tenant)
+        if new:
+            metrics.JOBS_SUBMITTED_TOTAL.labels(tenant=tenant or "").inc()
         if _wants_stream(request):
             return stream(record, owner=new)
         location = f"/v1/models/{ctx.name}/jobs/{record.id}"
@@ -428,28 +433,33 @@ def routes(ctx: ProtocolContext) -> list[Route]:
             "id": record.id, "status": record.status.value, "created": record.created}
         return JSONResponse(body, status_code=202 if new else 200, headers={"Location": location})
 
-    async def get_job(model_name: str, job_id: str) -> Response:
+    async def get_job(model_name: str, job_id: str, request: Request) -> Response:
+        tenant = ctx.tenant(request)
         ctx.check_model(model_name)
-        return job_response(await jobs.snapshot(await jobs.get(job_id)), send_timeout)
+        return job_response(await jobs.snapshot(await jobs.get(job_id, tenant)), send_timeout)
 
     async def list_jobs(model_name: str, request: Request) -> dict[str, Any]:
+        tenant = ctx.tenant(request)
         ctx.check_model(model_name)
         limit = parse_limit(request.query_params.getlist("limit"))
         before = parse_cursor(request.query_params.getlist("cursor"))
-        page = await jobs.recent(limit + 1, before=before)
+        page = await jobs.recent(limit + 1, tenant, before)
         more, page = len(page) > limit, page[:limit]
         return {"jobs": [view(await jobs.snapshot(r)) for r in page],
                 "next_cursor": make_cursor(page[-1]) if more else None}
 
-    async def cancel_job(model_name: str, job_id: str) -> dict[str, Any]:
+    async def cancel_job(model_name: str, job_id: str, request: Request) -> dict[str, Any]:
+        tenant = ctx.tenant(request)
         ctx.check_model(model_name)
-        record = await jobs.get(job_id)
+        record = await jobs.get(job_id, tenant)
         await jobs.cancel(record)
         return view(await jobs.snapshot(record))
 
     async def job_events(model_name: str, job_id: str, request: Request) -> JobEventStream:
+        tenant = ctx.tenant(request)
         ctx.check_model(model_name)
-        return stream(await jobs.get(job_id), owner=False, after=request.headers.get("last-event-id"))
+        record = await jobs.get(job_id, tenant)
+        return stream(record, owner=False, after=request.headers.get("last-event-id"))
 
     stream_doc = (
         "Queues a predict body as a job and answers at once: 202 with `Location`. With "
@@ -459,7 +469,7 @@ def routes(ctx: ProtocolContext) -> list[Route]:
     )
     not_found = "Unknown model, or unknown or expired job id."
     return [
-        Route("POST", JOBS_PATH, handler=submit, protocol=PROTOCOL, json_body=True,
+        Route("POST", JOBS_PATH, handler=submit, protocol=PROTOCOL, auth=True, json_body=True,
               body_check=v1.schema_check(ctx.service), model_scoped=False, doc=Operation(
                   "Submit a job",
                   "Jobs",
@@ -477,7 +487,7 @@ def routes(ctx: ProtocolContext) -> list[Route]:
                   stream_status=200,
                   stream_final=JOB_FINAL_EVENTS,
               )),
-        Route("GET", JOBS_PATH, handler=list_jobs, doc=Operation(
+        Route("GET", JOBS_PATH, handler=list_jobs, auth=True, doc=Operation(
             "List jobs", "Jobs", JobList, (400, 404),
             description="The most recent jobs, newest first, without their results, a page at a time: "
                         "`next_cursor` (null on the last page) passed as `cursor` gives the next, older "
@@ -485,7 +495,7 @@ def routes(ctx: ProtocolContext) -> list[Route]:
             query=LIST_QUERY,
             error_descriptions={400: "`limit` or `cursor` is invalid (the error names which)."},
         )),
-        Route("GET", JOB_PATH, handler=get_job, doc=Operation(
+        Route("GET", JOB_PATH, handler=get_job, auth=True, doc=Operation(
             "Get a job", "Jobs", JobView, (404,),
             description="`result` is exactly the predict response once `status` is `succeeded`, while the "
                         "server keeps it: results are kept up to `--max_job_bytes` in all (the oldest "
@@ -493,13 +503,13 @@ def routes(ctx: ProtocolContext) -> list[Route]:
                         "`result_expired: true`.",
             error_descriptions={404: not_found},
         )),
-        Route("DELETE", JOB_PATH, handler=cancel_job, doc=Operation(
+        Route("DELETE", JOB_PATH, handler=cancel_job, auth=True, doc=Operation(
             "Cancel a job", "Jobs", JobView, (404, 409),
             description="A queued job never runs; a running one stops at its next progress tick while the "
                         "other requests of its batch go on.",
             error_descriptions={404: not_found, 409: "The job had already finished."},
         )),
-        Route("GET", EVENTS_PATH, handler=job_events, doc=Operation(
+        Route("GET", EVENTS_PATH, handler=job_events, auth=True, doc=Operation(
             "Follow a job's events", "Jobs", None, (404,),
             description=_STREAM_TEXT + " A finished job's stream sends its final event and closes.",
             ok_description="The job's events.",

@@ -4,7 +4,10 @@ So that the official `openai` client works with `base_url=http://HOST/openai/v1`
 layer has no image generation (and needs vllm), so these are our own routes on the app. A request becomes
 one instance of a typed request on the shared Service: the same queue, batching, seeds and validation as
 predict. Errors come in OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, naming OpenAI's parameter where there is one.
+`{"error": {"message", "type", "param", "code"}}`, naming OpenAI's parameter where there is one. With API
+keys (SPEC section 12) the client's `api_key` is the key: a missing or unknown one is OpenAI's 401
+(`code: invalid_api_key`, which the `openai` client raises as `AuthenticationError`), a tenant's full
+queue its 429 (`code: rate_limit_exceeded`, `RateLimitError`, with Retry-After).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from app.serving.core.errors import FieldProblem, RequestInvalid, ServiceError, 
 from app.serving.core.service import Service
 from app.serving.core.types import Event, Progressed
 from app.serving.protocols.jobs import event_stream
-from app.serving.protocols.routes import Operation, ProtocolContext, Route
+from app.serving.protocols.routes import Operation, ProtocolContext, Route, refusal
 from app.serving.queue.base import Work
 
 log = logging.getLogger(__name__)
@@ -144,14 +147,18 @@ class _Problem(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 409: "invalid_request_error",
-          503: "server_error", 504: "server_error"}
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          409: "invalid_request_error", 429: "requests", 503: "server_error", 504: "server_error"}
+#: OpenAI's codes of the statuses that always carry one (its API answers these for a bad key and a
+#: rate limit).
+_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None
                ) -> dict[str, Any]:
     """OpenAI's error shape."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    code = code if code is not None else _CODES.get(status)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -288,8 +295,9 @@ def routes(ctx: ProtocolContext) -> list[Route]:
 
     async def generations(request: Request) -> Response:
         try:
+            tenant = ctx.tenant(request)
             req, instances = parse_request(await request.body(), service)
-            typed = service.request(instances, PROTOCOL)
+            typed = service.request(instances, PROTOCOL, tenant)
             if req.stream:
                 # Queued here, so that a full queue is still a 503 rather than an event.
                 events: asyncio.Queue[Event] = asyncio.Queue()
@@ -300,8 +308,10 @@ def routes(ctx: ProtocolContext) -> list[Route]:
             return _error_response(problem)
         except ServiceError as exc:
             retry = exc.retry_after()
-            headers = {"Retry-After": str(retry)} if retry is not None else None
-            return _error_response(_Problem(exc.status, exc.message), headers)
+            headers = {"Retry-After": str(retry)} if retry is not None else {}
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = refusal(request.headers.get("authorization"))[1]
+            return _error_response(_Problem(exc.status, exc.message), headers or None)
         body = ImagesResponse(
             created=int(time.time()),
             data=[ImageData(b64_json=b64) for b64 in result.instances[0].images],
@@ -315,7 +325,8 @@ def routes(ctx: ProtocolContext) -> list[Route]:
         return ModelList(data=[served]).model_dump()
 
     return [
-        Route("POST", GENERATIONS_PATH, handler=generations, protocol=PROTOCOL, error_shape=error_body,
+        Route("POST", GENERATIONS_PATH, handler=generations, protocol=PROTOCOL, auth=True,
+              error_shape=error_body,
               doc=Operation(
                   "Generate images (OpenAI images API)",
                   "OpenAI",

@@ -1,10 +1,11 @@
 """The route table: every route this server answers, declared once by the protocol that owns it.
 
 A `Route` says its method and path, its handler (None: KServe's own app serves it, and we only document
-and count it), the protocol label of `kandinsky_requests_total` (generating routes only), the shape of
-errors the middleware answers on it, the checks the middleware makes of its body before the handler runs,
-and its documentation (`Operation`). The middleware, the metrics labels and the OpenAPI document
-(app/serving/web/openapi.py) all read the same table.
+and count it), the protocol label of `kandinsky_requests_total` (generating routes only), whether it needs
+an API key (`auth`, SPEC section 12: with `--api_keys` the middleware refuses it without a valid one before
+it reads the body), the shape of errors the middleware answers on it, the checks the middleware makes of
+its body before the handler runs, and its documentation (`Operation`). The middleware, the metrics labels
+and the OpenAPI document (app/serving/web/openapi.py) all read the same table.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
 from starlette.routing import compile_path
+from starlette.types import Scope
 
-from app.serving.core.errors import NotFound
+from app.serving.core.errors import NotFound, Unauthenticated
 from app.serving.core.jobs import JobService
 from app.serving.core.service import Service
 from app.serving.core.settings import ServerSettings
+from app.serving.core.tenants import ApiKeys
 
 #: A protocol's error body for a status and a message (the middleware's own 400/408/413/415 answers).
 ErrorShape = Callable[[int, str], dict[str, Any]]
@@ -29,6 +33,39 @@ BodyCheck = Callable[[bytes, dict[str, str]], str | None]
 def plain_error(status: int, message: str) -> dict[str, Any]:
     """`{"error": message}`: the v1, jobs and v2 REST error body."""
     return {"error": message}
+
+
+# ---- API keys (SPEC section 12) ---------------------------------------------------------------------
+
+#: The key of the ASGI scope's `state` (what Starlette's `request.state` reads) that holds the tenant the
+#: middleware authenticated; only the middleware writes it.
+TENANT_STATE = "tenant"
+#: RFC 6750's challenges: no credentials (or another scheme), and a bearer token that is not accepted.
+CHALLENGE = "Bearer"
+CHALLENGE_INVALID = 'Bearer error="invalid_token"'
+
+
+def refusal(authorization: str | None, where: str = "the header Authorization") -> tuple[str, str]:
+    """Why an `Authorization` value authenticates no tenant, and the `WWW-Authenticate` challenge to
+    answer with (`error="invalid_token"` only when a bearer token was presented). `where` says how to
+    send a key (a header, gRPC metadata). The message never quotes what was sent."""
+    how = f"send {where}: Bearer <key>"
+    value = (authorization or "").strip()
+    if not value:
+        return f"an API key is required: {how}", CHALLENGE
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return f"only the Bearer scheme is accepted: {how}", CHALLENGE
+    if not token.strip():
+        return f"Bearer without a key: {how}", CHALLENGE
+    return "the API key is not valid (unknown, or no longer accepted)", CHALLENGE_INVALID
+
+
+def scope_tenant(scope: Scope) -> str | None:
+    """The tenant the middleware authenticated for this request, or None."""
+    state = scope.get("state")
+    value = state.get(TENANT_STATE) if isinstance(state, dict) else None
+    return value if isinstance(value, str) else None
 
 
 @dataclass(frozen=True)
@@ -96,6 +133,8 @@ class Route:
     doc: Operation | None  # None: answered but left out of the API document
     handler: Callable[..., Any] | None = None  # None: served by KServe's own app
     protocol: str | None = None  # kandinsky_requests_total{protocol}: generating routes only
+    #: Needs `Authorization: Bearer <key>` when the server has API keys (generating and job routes).
+    auth: bool = False
     error_shape: ErrorShape = plain_error
     json_body: bool = False  # the body must be JSON (415 otherwise) with no duplicate keys (400)
     body_check: BodyCheck | None = None  # further checks of the raw body (400 naming the place)
@@ -142,13 +181,29 @@ class RouteTable:
 @dataclass(frozen=True)
 class ProtocolContext:
     """What a protocol's routes are built with: the served model's name, the one Service, the jobs, the
-    settings, and the model card (available once loaded)."""
+    settings, the model card (available once loaded), and the API keys (None: none asked for)."""
 
     name: str
     service: Service
     jobs: JobService
     settings: ServerSettings
     card: Callable[[], dict[str, Any]]
+    keys: ApiKeys | None = None
+
+    def tenant(self, request: Request) -> str | None:
+        """The tenant of a request to a route with `auth` (None without API keys). The middleware has
+        authenticated it; one it did not match to the route (a HEAD of a GET route) is authenticated here,
+        so that a handler never runs as nobody's."""
+        if self.keys is None:
+            return None
+        name = scope_tenant(request.scope)
+        if name is not None:
+            return name
+        authorization = request.headers.get("authorization")
+        found = self.keys.authenticate(authorization)
+        if found is None:
+            raise Unauthenticated(refusal(authorization)[0])
+        return found.name
 
     def check_model(self, model_name: str) -> None:
         """A route under /{model_name}/ for another model: 404 as KServe answers it."""

@@ -75,9 +75,9 @@ def response(result: RequestResult) -> dict[str, Any]:
     return predictions[0] if len(predictions) == 1 else {"ok": True, "predictions": predictions}
 
 
-async def predict(service: Service, payload: Any) -> dict[str, Any]:
-    """A decoded v1 body -> its answer, through the shared Service."""
-    request = service.request(service.parse(payload), PROTOCOL)
+async def predict(service: Service, payload: Any, tenant: str | None = None) -> dict[str, Any]:
+    """A decoded v1 body -> its answer, through the shared Service, as `tenant`'s request."""
+    request = service.request(service.parse(payload), PROTOCOL, tenant)
     return response(await service.generate(request))
 
 
@@ -111,8 +111,8 @@ def routes(ctx: ProtocolContext) -> list[Route]:
 
     return [
         Route(
-            "POST", PREDICT_PATH, protocol=PROTOCOL, json_body=True, body_check=schema_check(ctx.service),
-            model_scoped=False,
+            "POST", PREDICT_PATH, protocol=PROTOCOL, auth=True, json_body=True,
+            body_check=schema_check(ctx.service), model_scoped=False,
             doc=Operation(
                 "Generate images",
                 "Predict",

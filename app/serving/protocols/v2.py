@@ -151,8 +151,10 @@ def output_metadata() -> list[dict[str, Any]]:
 # ---- infer ----------------------------------------------------------------------------------------
 
 
-async def infer(service: Service, model_name: str, request: InferRequest) -> InferResponse:
-    """Answer one v2 request (REST or gRPC) on the shared path; errors name the input or output."""
+async def infer(service: Service, model_name: str, request: InferRequest, tenant: str | None = None
+                ) -> InferResponse:
+    """Answer one v2 request (REST or gRPC) on the shared path, as `tenant`'s; errors name the input or
+    output."""
     if not request.from_grpc:  # gRPC's are checked on the message (v2_grpc.py): KServe drops unset values
         _check_rest_parameters(request)
     wanted = _requested_outputs(request)
@@ -162,7 +164,7 @@ async def infer(service: Service, model_name: str, request: InferRequest) -> Inf
     except RequestInvalid as exc:
         raise RequestInvalid(exc.named(lambda p: _v2_text(p, indexed)), exc.problems, exc.more) from None
     protocol = "grpc" if request.from_grpc else "v2"
-    result = await service.generate(service.request(instances, protocol))
+    result = await service.generate(service.request(instances, protocol, tenant))
     return _response(model_name, request, result, wanted)
 
 

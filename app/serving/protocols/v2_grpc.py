@@ -3,10 +3,13 @@
 KServe's gRPC server is replaced by `GRPCServer` (same servicer, interceptors and protocol) for what
 KServe's lacks: 64 MiB messages by default (a response over the limit refused with a message saying so),
 `kandinsky_requests_total{protocol="grpc"}` counted by an interceptor with the final status name, our
-errors as gRPC statuses (INVALID_ARGUMENT naming the input, UNAVAILABLE, DEADLINE_EXCEEDED), and
-readiness checked before `ModelInfer` (KServe's gRPC path calls `model.load()` on a model that is not
-ready, which here would load a second pipeline while draining). Requests reach `v2.infer` through
-KServe's data plane and `KandinskyModel.predict`, as REST ones do.
+errors as gRPC statuses (INVALID_ARGUMENT naming the input, UNAVAILABLE, DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED for a tenant's full queue), and readiness checked before `ModelInfer` (KServe's gRPC
+path calls `model.load()` on a model that is not ready, which here would load a second pipeline while
+draining). With API keys (SPEC section 12) the interceptor refuses a `ModelInfer` without a valid
+`authorization: Bearer <key>` metadata (UNAUTHENTICATED) before anything of the message is looked at; the
+other methods (liveness, readiness, metadata) stay open. Requests reach `v2.infer` through KServe's data
+plane and `KandinskyModel.predict`, as REST ones do (the metadata as its headers: the tenant).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from functools import cache
@@ -34,8 +37,10 @@ from kserve.protocol.grpc.servicer import InferenceServicer as KServeInferenceSe
 from kserve.utils.numpy_codec import to_np_dtype
 
 from app.serving.core.errors import ServiceError
+from app.serving.core.tenants import ApiKeys
 from app.serving.observability import metrics
 from app.serving.protocols import v2
+from app.serving.protocols.routes import ProtocolContext, refusal
 
 if TYPE_CHECKING:
     import kserve
@@ -51,8 +56,10 @@ _MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 # HTTP statuses of our errors -> gRPC's (the usual mapping, as grpc-gateway's in reverse).
 _GRPC_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.ALREADY_EXISTS,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -78,6 +85,9 @@ class InferenceServicer(KServeInferenceServicer):
         except ServiceError as exc:
             # KServe's interceptor would make our errors INTERNAL: each gets its gRPC status
             status = _GRPC_STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
+            retry = exc.retry_after()
+            if retry is not None:  # as REST's Retry-After header
+                context.set_trailing_metadata((("retry-after", str(retry)),))
             raise GrpcException(exc.message, status_code=status) from None
 
 
@@ -217,13 +227,31 @@ Behavior = Callable[[Any, Any], Awaitable[Any]]
 
 
 class InferInterceptor(aio.ServerInterceptor):
-    """Around every ModelInfer: `kandinsky_requests_total{code=<gRPC status name>, protocol="grpc"}` and
-    the request duration, with the final status (the interceptors inside it turn exceptions into
-    statuses); and a response over the send limit refused with a message that says so (gRPC alone would
-    say RESOURCE_EXHAUSTED after the handler returned, unseen by the count)."""
+    """Around every ModelInfer: with API keys (`keys`), the caller authenticated first (UNAUTHENTICATED
+    without a valid `authorization` metadata, before the message is looked at); `kandinsky_requests_total
+    {code=<gRPC status name>, protocol="grpc", tenant}` and the request duration, with the final status
+    (the interceptors inside it turn exceptions into statuses); one access line naming the tenant; and a
+    response over the send limit refused with a message that says so (gRPC alone would say
+    RESOURCE_EXHAUSTED after the handler returned, unseen by the count)."""
 
-    def __init__(self, max_send_bytes: int) -> None:
+    def __init__(self, max_send_bytes: int, keys: ApiKeys | None = None) -> None:
         self.max_send_bytes = max_send_bytes
+        self.keys = keys
+
+    async def authenticate(self, context: aio.ServicerContext) -> str | None:
+        """The caller's tenant (None without keys); aborts UNAUTHENTICATED when no key is valid."""
+        if self.keys is None:
+            return None
+        value = next((v for k, v in context.invocation_metadata() or () if k.lower() == "authorization"),
+                     None)
+        authorization = value if isinstance(value, str) else None
+        tenant = self.keys.authenticate(authorization)
+        if tenant is None:
+            message, challenge = refusal(authorization, "the metadata authorization")
+            context.set_trailing_metadata((("www-authenticate", challenge),))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            raise RuntimeError("unreachable: abort() raises")
+        return tenant.name
 
     async def intercept_service(
         self,
@@ -238,7 +266,9 @@ class InferInterceptor(aio.ServerInterceptor):
         async def counted(request: Any, context: aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
+            tenant: str | None = None
             try:
+                tenant = await self.authenticate(context)
                 if isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
                 response = await behavior(request, context)
@@ -261,16 +291,18 @@ class InferInterceptor(aio.ServerInterceptor):
                 raise
             finally:
                 elapsed = time.perf_counter() - started
-                metrics.REQUESTS_TOTAL.labels(code=_status_name(code), protocol="grpc").inc()
+                metrics.REQUESTS_TOTAL.labels(code=_status_name(code), protocol="grpc",
+                                              tenant=tenant or "").inc()
                 metrics.REQUEST_SECONDS.observe(elapsed)
                 # One access line per call, as REST requests get (app/serving/web/middleware.py).
                 peer = context.peer() or "-"
                 access_log.log(
                     logging.WARNING if code in _SERVER_FAULTS else logging.INFO,
-                    '%s "gRPC ModelInfer" %s %.1f ms protocol=grpc', peer, _status_name(code), elapsed * 1000,
+                    '%s "gRPC ModelInfer" %s %.1f ms protocol=grpc%s', peer, _status_name(code),
+                    elapsed * 1000, f" tenant={tenant}" if tenant else "",
                     extra={"method": "gRPC", "route": _MODEL_INFER, "path": _MODEL_INFER,
                            "status": _status_name(code), "duration_ms": round(elapsed * 1000, 1),
-                           "client": peer, "protocol": "grpc"},
+                           "client": peer, "protocol": "grpc", "tenant": tenant},
                 )
 
         strict = handler.request_deserializer
@@ -304,11 +336,13 @@ class GRPCServer(KServeGRPCServer):
         self.max_receive_bytes = max_receive_bytes
 
     async def start(self, max_workers: int) -> None:
+        keys = served_keys(self._data_plane.model_registry.get_models().values())
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             # ours outermost, so that it sees the status KServe's interceptor gave an exception
             interceptors=(
-                InferInterceptor(self.max_send_bytes), LoggingInterceptor(), ExceptionToStatusInterceptor()
+                InferInterceptor(self.max_send_bytes, keys), LoggingInterceptor(),
+                ExceptionToStatusInterceptor(),
             ),
             options=[
                 ("grpc.max_send_message_length", self.max_send_bytes),
@@ -324,6 +358,15 @@ class GRPCServer(KServeGRPCServer):
         )
         await self._server.start()
         await self._server.wait_for_termination()
+
+
+def served_keys(models: Iterable[Any]) -> ApiKeys | None:
+    """The API keys of the served model (KServe registers it before it starts its servers), or None."""
+    for model in models:
+        context = getattr(model, "context", None)
+        if isinstance(context, ProtocolContext) and context.keys is not None:
+            return context.keys
+    return None
 
 
 def grpc_address(host: str, port: int) -> str:

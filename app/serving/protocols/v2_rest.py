@@ -215,7 +215,7 @@ class InferRequestBody(InferenceRequest):
 
 def routes(ctx: ProtocolContext) -> list[Route]:
     return [
-        Route("POST", INFER_PATH, protocol=PROTOCOL, body_check=rest_body_problem, doc=Operation(
+        Route("POST", INFER_PATH, protocol=PROTOCOL, auth=True, body_check=rest_body_problem, doc=Operation(
             "Generate images (Open Inference Protocol, KServe v2)",
             "Predict",
             InferenceResponse,

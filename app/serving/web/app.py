@@ -36,7 +36,7 @@ from starlette.types import ASGIApp
 
 from app.serving.core.errors import GenerationFailed, ServiceError
 from app.serving.protocols import jobs, openai, v1, v2_rest
-from app.serving.protocols.routes import ProtocolContext, RouteTable
+from app.serving.protocols.routes import ProtocolContext, RouteTable, refusal
 from app.serving.web import health
 from app.serving.web.middleware import ServiceMiddleware
 from app.serving.web.openapi import install_openapi
@@ -136,7 +136,8 @@ def configure_app(app: FastAPI, ctx: ProtocolContext, drain: Callable[[], None])
     the route table (every route of every protocol, declared once).
     """
     table = build_table(ctx)
-    app.add_middleware(ServiceMiddleware, table=table, settings=ctx.settings, model_name=ctx.name)
+    app.add_middleware(ServiceMiddleware, table=table, settings=ctx.settings, model_name=ctx.name,
+                       keys=ctx.keys)
     app.add_exception_handler(ServiceError, service_error_handler)
     for route in table:
         if route.handler is not None:
@@ -145,7 +146,8 @@ def configure_app(app: FastAPI, ctx: ProtocolContext, drain: Callable[[], None])
                 route.path, route.handler, methods=[route.method], include_in_schema=doc is not None,
                 tags=[doc.tag] if doc is not None else None, summary=doc.summary if doc is not None else None,
             )
-    install_openapi(app, table, ctx.service)
+    install_openapi(app, table, ctx.service, api_keys=ctx.keys is not None,
+                    tenant_queue=ctx.settings.tenant_queue_size > 0)
     _drain_on_signal(app, drain)
     _after_kserve_setup(app, lambda: _replace_kserve_error_handlers(app))
     return table
@@ -160,15 +162,20 @@ def build_table(ctx: ProtocolContext) -> RouteTable:
     ])
 
 
-async def service_error_handler(_: Request, exc: Exception) -> JSONResponse:
-    """Our typed errors in the v1 shape (`{"error"}`; a 500 adds `"ok": false`), with Retry-After."""
+async def service_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Our typed errors in the v1 shape (`{"error"}`; a 500 adds `"ok": false`), with Retry-After (503,
+    429) and a 401's `WWW-Authenticate` challenge (a key removed from --api_keys while the request ran)."""
     assert isinstance(exc, ServiceError)  # registered for ServiceError only
     body: dict[str, Any] = {"error": exc.message}
     if isinstance(exc, GenerationFailed):
         body = {"ok": False, **body}
+    headers: dict[str, str] = {}
     retry = exc.retry_after()
-    headers = {"Retry-After": str(retry)} if retry is not None else None
-    return JSONResponse(status_code=exc.status, content=body, headers=headers)
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = refusal(request.headers.get("authorization"))[1]
+    return JSONResponse(status_code=exc.status, content=body, headers=headers or None)
 
 
 def _drain_on_signal(app: FastAPI, drain: Callable[[], None]) -> None:

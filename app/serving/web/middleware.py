@@ -1,7 +1,11 @@
 """`ServiceMiddleware`: plain ASGI around every HTTP request, reading the route table
 (app/serving/protocols/routes.py) for what each route needs:
 
-- a request id and one access-log line (with the route's protocol);
+- a request id and one access-log line (with the route's protocol and the caller's tenant);
+- with API keys (SPEC section 12), a route declared `auth` refused without a valid
+  `Authorization: Bearer <key>` before anything else (401 with `WWW-Authenticate`, in the route's error
+  shape: an unauthenticated client learns nothing about the body checks), and the tenant's name put in
+  the request's `state` for the handlers;
 - the body read under a time limit (408) and a size limit (413: an over-limit body is drained and
   dropped for a bounded time, as nginx's lingering close does, so that a client still writing reads
   the 413 instead of a connection reset, and memory does not grow with the body);
@@ -9,7 +13,7 @@
   duplicate keys), then the route's own body check (the schema naming a field of a NaN, a malformed v2
   body), errors in the route's protocol's shape;
 - a client that hangs up cancels its request (its rows leave the batch at the next progress tick;
-  counted as 499); `Retry-After` on every 503; `kandinsky_requests_total{code, protocol}`.
+  counted as 499); `Retry-After` on every 503; `kandinsky_requests_total{code, protocol, tenant}`.
 """
 
 from __future__ import annotations
@@ -30,8 +34,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.serving.core.errors import RETRY_AFTER_S
 from app.serving.core.settings import ServerSettings
+from app.serving.core.tenants import ApiKeys
 from app.serving.observability import metrics
-from app.serving.protocols.routes import ErrorShape, Route, RouteTable, plain_error
+from app.serving.protocols.routes import (
+    TENANT_STATE,
+    ErrorShape,
+    Route,
+    RouteTable,
+    plain_error,
+    refusal,
+    scope_tenant,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("app.access")
@@ -48,12 +61,15 @@ _REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$")
 
 
 class ServiceMiddleware:
-    """Request id, access log, body limits and checks, hang-up cancellation, 503 Retry-After, metrics."""
+    """Request id, API keys, access log, body limits and checks, hang-up cancellation, 503 Retry-After,
+    metrics. `keys` None: no keys asked for, every route open."""
 
-    def __init__(self, app: ASGIApp, table: RouteTable, settings: ServerSettings, model_name: str) -> None:
+    def __init__(self, app: ASGIApp, table: RouteTable, settings: ServerSettings, model_name: str,
+                 keys: ApiKeys | None = None) -> None:
         self.app = app
         self.table = table
         self.model_name = model_name
+        self.keys = keys
         self.max_body_bytes = settings.max_body_bytes
         self.body_timeout = settings.body_timeout
 
@@ -63,6 +79,9 @@ class ServiceMiddleware:
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
+        if isinstance(scope.get("state"), dict) and TENANT_STATE in scope["state"]:
+            # only this middleware names the tenant (a copy: the server's state dict is not ours to edit)
+            scope["state"] = {k: v for k, v in scope["state"].items() if k != TENANT_STATE}
         matched = self.table.match(scope["method"], scope["path"])
         route, params = matched if matched is not None else (None, {})
         protocol = route.protocol if route is not None else None
@@ -85,14 +104,28 @@ class ServiceMiddleware:
             raise
         finally:
             elapsed = time.perf_counter() - started
+            tenant = scope_tenant(scope)
             if protocol is not None and status[0]:
-                metrics.REQUESTS_TOTAL.labels(code=str(status[0]), protocol=protocol).inc()
+                metrics.REQUESTS_TOTAL.labels(code=str(status[0]), protocol=protocol,
+                                              tenant=tenant or "").inc()
                 metrics.REQUEST_SECONDS.observe(elapsed)
-            _log_access(scope, request_id, status[0], elapsed, protocol)
+            _log_access(scope, request_id, status[0], elapsed, protocol, tenant)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, status: list[int],
                       route: Route | None, params: dict[str, str]) -> None:
         shape = route.error_shape if route is not None else plain_error
+        if route is not None and route.auth and self.keys is not None:
+            # First: a caller without a valid key learns nothing of the route's checks, and sends no body
+            # that is read (uvicorn drops what is left of it once the answer is complete).
+            authorization = _header(scope, b"authorization")
+            value = authorization.decode("latin-1") if authorization is not None else None
+            tenant = self.keys.authenticate(value)
+            if tenant is None:
+                message, challenge = refusal(value)
+                await _error(send, 401, message, shape=shape, headers={"WWW-Authenticate": challenge})
+                return
+            # The request's own copy of the state: a server that shares one dict never leaks a tenant.
+            scope["state"] = {**(scope.get("state") or {}), TENANT_STATE: tenant.name}
         problem = _query_problem(scope)
         if problem is not None:
             await _error(send, 400, problem, shape=shape)
@@ -292,13 +325,14 @@ def _request_id(scope: Scope) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-def _log_access(scope: Scope, request_id: str, status: int, elapsed: float, protocol: str | None) -> None:
+def _log_access(scope: Scope, request_id: str, status: int, elapsed: float, protocol: str | None,
+                tenant: str | None) -> None:
     route = getattr(scope.get("route"), "path", None) or "-"
     client = scope.get("client") or ("-", 0)
     level = logging.WARNING if status >= 500 else logging.INFO
     access_log.log(
         level,
-        '%s "%s %s" %d %.1f ms id=%s%s',
+        '%s "%s %s" %d %.1f ms id=%s%s%s',
         client[0],
         scope["method"],
         scope["path"],
@@ -306,8 +340,10 @@ def _log_access(scope: Scope, request_id: str, status: int, elapsed: float, prot
         elapsed * 1000,
         request_id,
         f" protocol={protocol}" if protocol else "",
+        f" tenant={tenant}" if tenant else "",  # a configured name: never the key
         extra={
             "protocol": protocol,
+            "tenant": tenant,
             "request_id": request_id,
             "method": scope["method"],
             "route": route,
@@ -320,9 +356,9 @@ def _log_access(scope: Scope, request_id: str, status: int, elapsed: float, prot
 
 
 async def _error(send: Send, status: int, message: str, *, close: bool = False,
-                 shape: ErrorShape = plain_error) -> None:
+                 shape: ErrorShape = plain_error, headers: dict[str, str] | None = None) -> None:
     """An error answered by the middleware itself, in the body shape of the route's protocol."""
-    headers = {"connection": "close"} if close else None
+    headers = {**(headers or {}), **({"connection": "close"} if close else {})}
     response = JSONResponse(status_code=status, content=shape(status, message), headers=headers)
     await response({"type": "http"}, _no_receive, send)
 

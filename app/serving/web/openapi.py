@@ -10,6 +10,11 @@ registered ahead of one with the same method and path shadows it. A route that a
 from the table is left out of the document and logged; `undocumented_routes()` lists them, and a unit
 test keeps that list empty.
 
+With API keys (`--api_keys`, SPEC section 12) the document declares the bearer scheme
+(`components.securitySchemes`), `security` on the routes declared `auth` and their 401; with
+`--tenant_queue_size` the generating routes document their 429. Without them it shows neither: the
+document describes this server as it answers.
+
 A route that answers server-sent events (`Operation.stream_events`) documents its `text/event-stream`
 answer as the array of the events the stream sends, each `{"event": NAME, "data": <its JSON>}`: OpenAPI
 3.1 has no keyword for a stream's items (3.2's `itemSchema`), and the array also says which event comes
@@ -58,8 +63,13 @@ EVENT_STREAM = "text/event-stream"
 
 
 
+#: The name of the bearer scheme in `components.securitySchemes`.
+BEARER_SCHEME = "bearerAuth"
+
 _ERRORS: dict[int, str] = {
     400: "The request is invalid; `error` names the field and its allowed range.",
+    401: "No valid API key: `Authorization: Bearer <key>` is missing, malformed or not accepted.",
+    429: "This tenant has `--tenant_queue_size` requests waiting already; retry after `Retry-After` seconds.",
     404: "No model of this name is served.",
     408: "The request body did not arrive within the server's body timeout.",
     413: "The request body exceeds the server's size limit.",
@@ -148,9 +158,14 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF_PREFIX + name}
 
 
-def build_openapi(app: FastAPI, table: RouteTable, model: Any) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the routes in `app.routes` now, as the route table documents them."""
+def build_openapi(app: FastAPI, table: RouteTable, model: Any, *, api_keys: bool = False,
+                  tenant_queue: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the routes in `app.routes` now, as the route table documents them.
+    `api_keys`: the server asks for keys (the `auth` routes are secured, 401); `tenant_queue`: a tenant's
+    queue is bounded (the generating routes answer 429)."""
     OPERATIONS = table.operations()  # noqa: N806 - the table, read once
+    secured = {(r.method, r.path) for r in table if r.auth and api_keys}
+    limited = {(r.method, r.path) for r in table if r.protocol is not None and tenant_queue}
     served = set(served_operations(app))
     ops = [op for op in OPERATIONS if op in served]  # the table's order: predict first
     missing = undocumented_routes(app)
@@ -194,7 +209,11 @@ def build_openapi(app: FastAPI, table: RouteTable, model: Any) -> dict[str, Any]
     paths: dict[str, dict[str, Any]] = {}
     for method, path in ops:
         op = OPERATIONS[(method, path)]
-        operation = _operation(op, method, path, names, model)
+        extra = {401} if (method, path) in secured else set()
+        extra |= {429} if (method, path) in limited else set()
+        operation = _operation(op, method, path, names, model, extra)
+        if (method, path) in secured:
+            operation["security"] = [{BEARER_SCHEME: []}]
         if op.request == PREDICT_BODY and request_model is not None:
             operation["requestBody"] = {
                 "required": True,
@@ -211,6 +230,13 @@ def build_openapi(app: FastAPI, table: RouteTable, model: Any) -> dict[str, Any]
 
     name = getattr(model, "name", "")
     limits = f" Limits: {schema.limits.max_images_per_request} images per request." if schema else ""
+    keys = (" Generating and job routes need an API key: `Authorization: Bearer <key>`; each tenant sees "
+            "only its own jobs." if secured else "")
+    security = {"securitySchemes": {BEARER_SCHEME: {
+        "type": "http", "scheme": "bearer",
+        "description": "A key of the server's `--api_keys` file, sent as `Authorization: Bearer <key>` "
+                       "(gRPC: the `authorization` metadata).",
+    }}} if secured else {}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -219,12 +245,12 @@ def build_openapi(app: FastAPI, table: RouteTable, model: Any) -> dict[str, Any]
             "description": (
                 f"ruDALL-E Kandinsky behind the KServe v1 predict protocol; this server serves the model "
                 f"`{name}`.{limits} The model card at `{CARD_PATH}` lists every parameter with its "
-                f"default and bounds."
+                f"default and bounds.{keys}"
             ),
         },
         **({"servers": list(app.servers)} if app.servers else {}),  # FastAPI adds the root_path here
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, **security},
     }
 
 
@@ -255,7 +281,7 @@ def _rename_refs(value: Any, renamed: dict[str, str]) -> Any:
 
 
 def _operation(
-    op: Operation, method: str, path: str, names: dict[Any, str], model: Any
+    op: Operation, method: str, path: str, names: dict[Any, str], model: Any, extra: set[int]
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {str(op.ok_status): _ok_response(op, names)}
     if op.ok_headers:
@@ -270,18 +296,27 @@ def _operation(
         stream = responses[str(op.stream_status or op.ok_status)]
         stream["description"] = f"{stream['description'].rstrip('.')}. {_stream_text(op)}"
         stream.setdefault("content", {})[EVENT_STREAM] = {"schema": _stream_schema(op, names)}
-    for status in op.errors:
+    for status in sorted({*op.errors, *extra}):
         body = op.error_body or (FailureBody if status == 500 else ErrorBody)
         response: dict[str, Any] = {
             "description": op.error_descriptions.get(status, _ERRORS[status]),
             "content": {"application/json": {"schema": _ref(names[body])}},
         }
-        if status == 503:
+        if status in (429, 503):
             response["headers"] = {
                 "Retry-After": {
                     "description": f"Seconds to wait before retrying ({RETRY_AFTER_S}).",
                     "required": True,
                     "schema": {"type": "integer", "minimum": 1},
+                }
+            }
+        if status == 401:
+            response["headers"] = {
+                "WWW-Authenticate": {
+                    "description": '`Bearer` (RFC 6750), with `error="invalid_token"` when the key sent is '
+                                   "not accepted.",
+                    "required": True,
+                    "schema": {"type": "string", "pattern": "^Bearer"},
                 }
             }
         responses[str(status)] = response
@@ -396,11 +431,13 @@ def _operation_id(method: str, path: str) -> str:
 # ---- installation ---------------------------------------------------------------------------------
 
 
-def install_openapi(app: FastAPI, table: RouteTable, model: Any) -> None:
+def install_openapi(app: FastAPI, table: RouteTable, model: Any, *, api_keys: bool = False,
+                    tenant_queue: bool = False) -> None:
     """Serve our `/openapi.json` (built at its first request) and an offline Swagger UI at `/docs`.
 
     Call it before KServe registers its routes; the document describes the routes present when it is
     first requested. It is cached once the model's request schema exists (it holds the model's bounds).
+    `api_keys` and `tenant_queue` as `build_openapi` takes them.
     """
     if getattr(app.state, "kandinsky_openapi", False):
         return  # installed already (configure_app and a test may both call it)
@@ -411,7 +448,7 @@ def install_openapi(app: FastAPI, table: RouteTable, model: Any) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        doc = build_openapi(app, table, model)
+        doc = build_openapi(app, table, model, api_keys=api_keys, tenant_queue=tenant_queue)
         if getattr(model, "schema", None) is not None:
             app.openapi_schema = doc
         return doc
