@@ -838,7 +838,7 @@ _SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 
 def _metric_problems(expr: str, allowed_external: set[str]) -> list[str]:
     known = _server_metrics()
-    problems = []
+    problems: list[str] = []
     for name in re.findall(r"\bkandinsky_[a-z0-9_]+\b", expr):
         if name not in known:
             problems.append(f"{name}: not a series the server exports")
@@ -1747,3 +1747,227 @@ def test_deploy_guide_sets_front_timeouts_to_the_request_deadline() -> None:
     for isvc in _of_kind("InferenceService"):
         if "timeout" in isvc["spec"]["predictor"]:  # Knative's revision timeout (the workers get no requests)
             assert f"`timeout: {isvc['spec']['predictor']['timeout']}`" in para
+
+
+# ------------------------------------------------------------------------ tenants: the API keys Secret
+
+KEYS_SECRET = "kandinsky-api-keys"  # k8s/tenants/api-keys-secret.yaml
+
+
+def _api_isvcs() -> list[dict[str, Any]]:
+    """The InferenceServices that serve the APIs (role all or api): the ones that need the keys. Workers
+    serve only probes and metrics."""
+    return [i for i in _of_kind("InferenceService") if _parse(_server_args(i)).role != "worker"]
+
+
+def _keys_secret() -> dict[str, Any]:
+    # k8s/ and k8s/replicas/ both include k8s/tenants/, so the one file is seen from both roots.
+    found = {p: d for p, d in _objects()
+             if d.get("kind") == "Secret" and d["metadata"]["name"] == KEYS_SECRET}
+    assert len(found) == 1, f"{KEYS_SECRET} is defined in {len(found)} files"
+    return next(iter(found.values()))
+
+
+def _secret_files(secret: dict[str, Any]) -> dict[str, str]:
+    """The files a Secret volume without `items` shows: one per key, named after it."""
+    return {**secret.get("data", {}), **secret.get("stringData", {})}
+
+
+def _keys_mount_problems(isvc: dict[str, Any]) -> list[str]:
+    """Why an InferenceService's --api_keys would not be the keys Secret, updated in place when it changes."""
+    name = isvc["metadata"]["name"]
+    args = _parse(_server_args(isvc))
+    pred = isvc["spec"]["predictor"]
+    volumes = [v for v in pred.get("volumes", []) if v.get("secret", {}).get("secretName") == KEYS_SECRET]
+    if len(volumes) != 1:
+        return [f"{name}: {len(volumes)} volumes of the Secret {KEYS_SECRET}"]
+    (volume,) = volumes
+    mounts = [m for m in pred["model"].get("volumeMounts", []) if m["name"] == volume["name"]]
+    if len(mounts) != 1:
+        return [f"{name}: the keys volume is mounted {len(mounts)} times"]
+    (mount,) = mounts
+    problems: list[str] = []
+    if "subPath" in mount or "subPathExpr" in mount:
+        problems.append(f"{name}: a subPath mount is never updated by the kubelet: key changes never arrive")
+    if mount.get("readOnly") is not True:
+        problems.append(f"{name}: Knative refuses a Secret volume mount that is not readOnly")
+    if "items" in volume["secret"]:
+        problems.append(f"{name}: `items` picks files; mount the whole Secret, its keys are the files")
+    keys_file = Path(args.api_keys) if args.api_keys else None
+    if keys_file is None or keys_file.parent != Path(mount["mountPath"]):
+        problems.append(f"{name}: --api_keys={args.api_keys!r} is not a file of the mount "
+                        f"{mount['mountPath']}")
+    elif keys_file.name not in _secret_files(_keys_secret()):
+        problems.append(f"{name}: the Secret has no key {keys_file.name!r} for --api_keys={args.api_keys}")
+    return problems
+
+
+def test_every_api_serving_inferenceservice_reads_the_keys_secret_mounted_as_a_directory() -> None:
+    api = _api_isvcs()
+    assert {_parse(_server_args(i)).role for i in api} == {"all", "api"}, "single replicas and the api tier"
+    problems = [p for isvc in api for p in _keys_mount_problems(isvc)]
+    assert not problems, "\n".join(problems)
+    # Workers authenticate nothing (they serve probes and metrics): no keys, no copy of the Secret.
+    for isvc in _of_kind("InferenceService"):
+        if isvc not in api:
+            assert not _parse(_server_args(isvc)).api_keys, isvc["metadata"]["name"]
+            assert KEYS_SECRET not in json.dumps(isvc["spec"]), isvc["metadata"]["name"]
+
+
+def test_the_keys_mount_check_catches_a_subpath_a_writable_mount_and_a_path_outside_it() -> None:
+    isvc = json.loads(json.dumps(_isvc("kandinsky")))
+    assert not _keys_mount_problems(isvc)
+    model = isvc["spec"]["predictor"]["model"]
+    (mount,) = [m for m in model["volumeMounts"] if m["mountPath"] in _parse(_server_args(isvc)).api_keys]
+    mount["subPath"], mount["readOnly"] = "keys", False
+    model["args"] = [a for a in model["args"] if not a.startswith("--api_keys")] + ["--api_keys=/etc/keys"]
+    problems = "\n".join(_keys_mount_problems(isvc))
+    assert "subPath" in problems and "readOnly" in problems and "'/etc/keys' is not a file" in problems
+    model["args"][-1] = f"--api_keys={mount['mountPath']}/tokens"
+    assert "no key 'tokens'" in "\n".join(_keys_mount_problems(isvc))
+    pred = isvc["spec"]["predictor"]
+    pred["volumes"] = [v for v in pred["volumes"] if "secret" not in v]
+    assert "0 volumes of the Secret" in "\n".join(_keys_mount_problems(isvc))
+
+
+def test_tenant_queue_size_bounds_one_tenant_below_the_whole_queue() -> None:
+    for isvc in _api_isvcs():
+        args = _parse(_server_args(isvc))
+        # 0 would let one tenant fill the whole queue; equal to --queue_size the same: others would find none.
+        assert 1 <= args.tenant_queue_size < args.queue_size, (isvc["metadata"]["name"], args.queue_size,
+                                                               args.tenant_queue_size)
+
+
+def _quoted_start_up_errors(text: str) -> list[str]:
+    """The `error: --api_keys: MESSAGE ...` quotes in some text, whitespace joined, without the `...`."""
+    return re.findall(r"error: --api_keys: ([^`\s][^`]*?) \.\.\.", re.sub(r"\s*\n\s*#?\s*", " ", text))
+
+
+def test_the_keys_secret_placeholder_is_refused_by_the_servers_own_parser() -> None:
+    from app.serving.core.tenants import KeysFileError, parse_keys
+
+    secret = _keys_secret()
+    (keys_path,) = {_parse(_server_args(i)).api_keys for i in _api_isvcs()}  # one file name, one Secret
+    text = _secret_files(secret)[Path(keys_path).name]
+    assert SECRET_PLACEHOLDER in text, "the placeholder says what to replace, as the other Secrets do"
+    # Nobody ships it open: the server refuses to start with it, naming the line.
+    with pytest.raises(KeysFileError, match=r" line \d+: ") as refused:
+        parse_keys(text, keys_path)
+    # What the Secret's comments and the guide quote is what the server says (`error: --api_keys: ...`).
+    (path,) = {p for p, d in _objects() if d is secret}
+    quotes = _quoted_start_up_errors(path.read_text(encoding="utf-8"))
+    quotes += _quoted_start_up_errors(_doc("docs/DEPLOY.md"))
+    assert len(quotes) >= 3, quotes  # the Secret's comment, section 4a and the troubleshooting table
+    for quote in quotes:
+        assert str(refused.value).startswith(quote), (quote, str(refused.value))
+
+
+def _tenants_section() -> str:
+    return _doc("docs/DEPLOY.md").split("## 4a. ", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_deploy_guides_keys_example_is_accepted_by_the_servers_own_parser() -> None:
+    from app.serving.core.tenants import parse_keys
+
+    blocks = re.findall(r"^```yaml\n(.*?)^```", _tenants_section(), re.S | re.M)
+    examples = [d for b in blocks for d in yaml.safe_load_all(b)
+                if d and d.get("kind") == "Secret" and d["metadata"]["name"] == KEYS_SECRET]
+    assert len(examples) == 1, "section 4a shows the edited Secret once"
+    (example,) = examples
+    assert set(_secret_files(example)) == set(_secret_files(_keys_secret())), "the same key as the Secret"
+    (text,) = _secret_files(example).values()
+    keys = parse_keys(text, "docs/DEPLOY.md")
+    assert len(keys.tenants) >= 2, "show how tenants differ"
+    assert any(t.weight != 1 for t in keys.tenants.values()), "show a weight"
+    # It follows its own advice: digests only, no token in the Secret.
+    lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert all(fields[1].startswith("sha256:") for fields in lines), lines
+
+
+def test_the_documented_hash_command_gives_the_digest_the_server_compares() -> None:
+    import shutil
+    import subprocess
+
+    from app.serving.core.tenants import digest
+
+    if shutil.which("sha256sum") is None or shutil.which("bash") is None:
+        pytest.skip("no sha256sum or bash here")
+    (secret_file,) = {p for p, d in _objects() if d is _keys_secret()}
+    token = "3f1c0e9a7b5d4c2e8f6a1b3c5d7e9f0a"
+    for source, text in (("docs/DEPLOY.md", _tenants_section()), (str(secret_file), secret_file.read_text())):
+        commands = re.findall(r'printf %s "\$TOKEN" \| sha256sum[^#\n`]*', text)
+        assert commands, f"{source} shows no `printf %s \"$TOKEN\" | sha256sum` (echo would add a newline)"
+        for command in commands:
+            out = subprocess.run(["bash", "-c", command], env={**os.environ, "TOKEN": token},
+                                 capture_output=True, text=True, timeout=10, check=True)
+            assert out.stdout.strip() == digest(token).hex(), (source, command, out.stdout)
+
+
+def test_the_deploy_guides_tenants_section_matches_the_manifests_and_the_clients() -> None:
+    import app.client
+    from app.serving.core import tenants
+
+    flat = re.sub(r"\s+", " ", _tenants_section())
+    needles = [f"`{KEYS_SECRET}`", "`subPath`", "`Authorization: Bearer <token>`",
+               "`authorization: Bearer <token>`", "`WWW-Authenticate: Bearer`", f"`{app.client.API_KEY_ENV}`",
+               "`--api-key TOKEN`", "`api_key`", "`sessionStorage`", "`--tenant_max_jobs`",
+               "`--tenant_max_job_bytes`", 'printf %s "$TOKEN" | sha256sum']
+    for isvc in _api_isvcs():
+        args = _parse(_server_args(isvc))
+        needles.append(f"`--api_keys={args.api_keys}`")
+        if args.role == "api":
+            needles.append(f"{args.tenant_queue_size} on `{isvc['metadata']['name']}` "
+                           f"(a quarter of {args.queue_size}")
+        else:
+            needles.append(f"`--tenant_queue_size`: {args.tenant_queue_size} on the single-replica "
+                           f"InferenceServices (a quarter of their `--queue_size` {args.queue_size}")
+    missing = [n for n in needles if n not in flat]
+    assert not missing, f"section 4a does not say {missing}"
+    # The log lines it tells the operator to look for are the ones the server writes.
+    source = Path(tenants.__file__).read_text(encoding="utf-8")
+    for quoted in ("API keys reloaded from", "API keys not reloaded, the keys in force are kept:"):
+        assert quoted in flat and quoted in source, quoted
+    assert "grep 'API keys'" in flat
+
+
+def test_the_manifests_probes_and_metrics_need_no_api_key() -> None:
+    # With --api_keys the middleware refuses routes declared `auth` without a key: a probe or the scrape
+    # path among them would never pass (the kubelet and Prometheus send no key).
+    from app.serving.model import KandinskyModel, ServerSettings
+    from app.serving.web.app import build_table
+
+    table = build_table(KandinskyModel("kandinsky", ServerSettings()).context)
+    predict = table.match("POST", "/v1/models/kandinsky:predict")
+    assert predict is not None and predict[0].auth, "the check would pass for any table"
+    for isvc in _api_isvcs():
+        model = isvc["spec"]["predictor"]["model"]
+        paths = [model[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")]
+        paths.append(isvc["metadata"]["annotations"]["prometheus.io/path"])
+        for path in paths:
+            found = table.match("GET", path)
+            assert found is not None and not found[0].auth, f"{isvc['metadata']['name']}: {path} needs a key"
+    for monitor in _of_kind("PodMonitor"):
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            found = table.match("GET", endpoint.get("path", "/metrics"))
+            assert found is not None and not found[0].auth, monitor["metadata"]["name"]
+
+
+def test_tenant_throttled_alert_counts_the_refusals_the_server_gives_a_tenant_over_its_bound() -> None:
+    from app.serving.core.errors import TenantQueueFull
+    from app.serving.protocols import v2_grpc
+
+    rules = {r["alert"]: r for rule in _of_kind("PrometheusRule") for g in rule["spec"]["groups"]
+             for r in g["rules"]}
+    rule = rules["KandinskyTenantThrottled"]
+    expr = re.sub(r"\s+", " ", rule["expr"])
+    # The statuses it counts are the server's for a full tenant queue, over HTTP and gRPC.
+    counted = re.search(r'code=~"([^"]+)"', expr)
+    assert counted, expr
+    codes = set(counted.group(1).split("|"))
+    grpc_code = v2_grpc._status_name(v2_grpc._GRPC_STATUS[TenantQueueFull.status])
+    expected = {str(TenantQueueFull.status), grpc_code}
+    assert codes == expected, (codes, expected)
+    # Per tenant, as a share of that tenant's requests, named tenants only, over a long enough time.
+    assert expr.count("sum by (namespace, tenant)") == 2 and 'tenant!=""' in expr
+    assert rule["labels"]["severity"] == "warning" and _duration_s(rule["for"]) >= 15 * 60
+    assert "{{ $labels.tenant }}" in rule["annotations"]["summary"]
