@@ -197,9 +197,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     q: [B, nh, Tq, hd], k and v: [B, nh, Tk, hd]. Upstream's pb-relax rescaling only subtracts a
     per-head constant before the softmax, so it is left out.
+
+    On the CPU it is upstream's own sequence of products and softmax: PyTorch's fused CPU kernel shares
+    its work out by the call's batch size, and with more than one thread a row's bits then depend on how
+    many rows share the call (torch 2.14 on an AVX-512 EPYC: every batch below 16 rounds differently),
+    which would break batch invariance; the plain products give a row the same bits whatever the batch.
+    A row that sees nothing gets a uniform softmax instead of NaNs.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = torch.where(mask, scores, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 def floor_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -47,8 +47,11 @@ def req(cfg: DalleConfig, seed: int, n: int = 2, sampling: SamplingParams = FREE
     return GenerationRequest(text(cfg, seed), n, sampling, seed, forced)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread() -> Iterator[None]:
+    # Module-scoped, so that it is set before the module's `alone` results are made too: a request's
+    # codes and ppl are the same whatever shares its batch at one thread count; across thread counts the
+    # product's kernels (and their rounding) may differ on some CPUs.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
