@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q -m "not long"
 
-## test-long: the `long` tests (about 6 min on 2 cores); CI runs them after `make test`
+## test-long: the `long` tests (about 10 min on 2 cores); CI runs them after `make test`
 test-long: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m long
 

@@ -240,6 +240,7 @@ def server_has_connection(pid: int, client_port: int) -> bool:
     return any(c.raddr and c.raddr.port == client_port for c in psutil.Process(pid).connections("tcp"))
 
 
+@pytest.mark.long
 def test_a_client_that_reads_nothing_is_disconnected_after_send_timeout_and_counted(srv, big_job):
     base, pid = srv["base"], srv["proc"].pid
     dropped = metric(base, "kandinsky_event_subscribers_dropped_total", "")

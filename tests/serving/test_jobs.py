@@ -284,6 +284,7 @@ def test_full_queue_answers_503_with_retry_after_and_creates_no_job(srv):
         httpx.delete(f"{base}{JOBS}/{job_id}", timeout=10)
 
 
+@pytest.mark.long
 def test_finished_jobs_beyond_max_jobs_and_past_the_ttl_are_dropped(bounded):
     base = bounded["base"]
     # Submitted together, they finish within moments of each other, in submission order.

@@ -194,6 +194,7 @@ def wait_line(srv: dict[str, Any], text: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.long
 def test_a_killed_worker_s_running_and_queued_jobs_finish_on_a_survivor(api, tiny_model_dir, redis_srv,
                                                                        no_worker):
     with replica(tiny_model_dir, *flags(redis_srv, "worker", "doomed"), "--max_batch_images", "8") as doomed:
@@ -214,6 +215,7 @@ def test_a_killed_worker_s_running_and_queued_jobs_finish_on_a_survivor(api, tin
         assert any("taken over after its worker's lease lapsed" in line for line in survivor["lines"])
 
 
+@pytest.mark.long
 def test_a_worker_paused_past_its_lease_leaves_one_result_the_new_owner_s(api, tiny_model_dir, redis_srv,
                                                                         no_worker):
     with replica(tiny_model_dir, *flags(redis_srv, "worker", "sleeper")) as sleeper:
@@ -232,6 +234,7 @@ def test_a_worker_paused_past_its_lease_leaves_one_result_the_new_owner_s(api, t
         assert images(view["result"]) == in_process(tiny_model_dir, 49, images=4)
 
 
+@pytest.mark.long
 def test_a_job_whose_worker_is_lost_on_every_delivery_fails_saying_why(api, tiny_model_dir, redis_srv,
                                                                       no_worker):
     once = ("--max_deliveries", "1")
@@ -247,6 +250,7 @@ def test_a_job_whose_worker_is_lost_on_every_delivery_fails_saying_why(api, tiny
 
 
 
+@pytest.mark.long
 def test_a_stopping_worker_hands_its_running_job_back_at_once(api, tiny_model_dir, redis_srv, no_worker):
     """SIGTERM with --drain_timeout 1: the job cannot finish in time, so it goes back to the queue at
     once; a worker with a 30 s lease takes it over well before that lease would have lapsed."""
@@ -271,6 +275,7 @@ def test_a_stopping_worker_hands_its_running_job_back_at_once(api, tiny_model_di
         assert finals(redis_srv, job_id) == ["succeeded"]
 
 
+@pytest.mark.long
 def test_a_worker_renders_previews_only_while_some_replica_streams_the_job(api, worker, redis_srv):
     payload = body(52, images=2)
     payload["instances"][0]["params"]["preview_every"] = 1
@@ -284,6 +289,7 @@ def test_a_worker_renders_previews_only_while_some_replica_streams_the_job(api, 
     assert streamed[-1][1] == "succeeded"
 
 
+@pytest.mark.long
 def test_a_redis_outage_shorter_than_the_lease_costs_a_running_job_nothing(api, tiny_model_dir, redis_srv,
                                                                          no_worker):
     """The worker keeps decoding while Redis is gone (taking new work backs off; it is never a broken

@@ -17,6 +17,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.support import in_process, metric, replica, replica_flags, seeded_body
 
@@ -42,6 +43,7 @@ def test_an_api_replica_loads_no_weights_and_a_worker_generates_its_predicts(api
         assert any("loop: 1 request(s), 1 image(s) join" in line for line in worker["lines"])
 
 
+@pytest.mark.long
 def test_a_killed_worker_loses_nothing_a_survivor_reruns_it_with_its_seed(api, tiny_model_dir, redis_srv):
     answers: dict[str, httpx.Response] = {}
 
@@ -65,6 +67,7 @@ def test_a_killed_worker_loses_nothing_a_survivor_reruns_it_with_its_seed(api, t
         assert metric(survivor["base"], "kandinsky_deliveries_total", '{kind="takeover"}') == 1
 
 
+@pytest.mark.long
 def test_redis_gone_is_a_fast_503_and_not_ready_but_alive_and_it_recovers(api, tiny_model_dir, redis_srv):
     base = api["base"]
     assert httpx.get(base + "/v2/health/ready", timeout=5).status_code == 200

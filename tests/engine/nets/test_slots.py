@@ -196,6 +196,7 @@ def test_without_invariance_the_loops_control_can_fail(small) -> None:
     assert not torch.equal(a.codes, b.codes)
 
 
+@pytest.mark.long
 def test_at_kandinskys_width_a_request_joining_mid_row_is_the_same_as_alone() -> None:
     model = make_model(WIDE, seed=5)
     kandinsky = SamplingParams(top_k=4096, top_p=0.975, temperature=1.0)
